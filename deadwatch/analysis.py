@@ -1,0 +1,123 @@
+"""Analysis: the verdict per layer, from the host copy of the counters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+
+OK, WARN, CRITICAL, NONFINITE = "ok", "warn", "critical", "nonfinite"
+STATUSES = (OK, WARN, CRITICAL, NONFINITE)
+
+HINTS = {
+    WARN: "some units stopped firing; if it grows: lower the LR, check for biases drifting negative",
+    CRITICAL: "many dead units: LR too high, negative bias drift or poor init? "
+              "Try a lower LR, He init, LeakyReLU/ELU, normalisation",
+    NONFINITE: "NaN/inf output: training likely diverged; lower the LR, clip gradients, check inputs and AMP scaling",
+}
+
+
+@dataclass
+class LayerReport:
+    """The verdict for one site."""
+
+    name: str
+    kind: str
+    units: int
+    dead_units: list[int]
+    dead_fraction: float
+    zero_fraction: float | None   # None when the site ran no counted forward in the interval
+    observations: int
+    status: str
+    firing_rate: np.ndarray | None = field(default=None, repr=False, compare=False)  # per unit, interval
+
+    @property
+    def hint(self) -> str | None:
+        return HINTS.get(self.status)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("firing_rate")
+        return d
+
+
+@dataclass
+class Report:
+    """Every watched site's verdict after `step` training steps."""
+
+    step: int
+    window: int
+    layers: list[LayerReport]
+
+    @property
+    def flagged(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status != OK]
+
+    @property
+    def units(self) -> int:
+        return sum(layer.units for layer in self.layers)
+
+    @property
+    def dead_fraction(self) -> float:
+        """Dead units over all units of all sites."""
+        units = self.units
+        return sum(len(layer.dead_units) for layer in self.layers) / units if units else 0.0
+
+    def layer(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no site {name!r}; sites: {', '.join(layer.name for layer in self.layers)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "window": self.window,
+            "units": self.units,
+            "dead_fraction": self.dead_fraction,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "flagged": [layer.name for layer in self.flagged],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        layers = [LayerReport(**{k: layer[k] for k in LayerReport.__dataclass_fields__ if k in layer})
+                  for layer in d["layers"]]
+        return cls(step=d["step"], window=d["window"], layers=layers)
+
+    def __rich__(self) -> Any:
+        from .reporters.console import render
+        return render(self)
+
+
+def status(dead_fraction: float, nonfinite: bool, config: Config) -> str:
+    if nonfinite:
+        return NONFINITE
+    if dead_fraction >= config.critical:
+        return CRITICAL
+    if dead_fraction >= config.warn:
+        return WARN
+    return OK
+
+
+def layer_report(name: str, kind: str, judged: bool, figures: dict[str, Any], config: Config) -> LayerReport:
+    """One site's verdict. `judged` is False until a step that saw the site has been completed."""
+    alive, fired, obs = figures["alive"], figures["fired"], figures["observations"]
+    units = alive.size
+    dead = np.flatnonzero(~alive).tolist() if judged else []
+    dead_fraction = len(dead) / units if units else 0.0
+    rate = fired / obs if obs else None
+    return LayerReport(
+        name=name,
+        kind=kind,
+        units=units,
+        dead_units=dead,
+        dead_fraction=dead_fraction,
+        zero_fraction=float(1.0 - rate.mean()) if rate is not None and units else None,
+        observations=obs,
+        status=status(dead_fraction, judged and bool(figures["nonfinite"].any()), config),
+        firing_rate=rate,
+    )

@@ -1,0 +1,316 @@
+"""Capture: which activations are watched, where they run (sites), and which axis holds units.
+
+A *site* is one place where an activation runs in forward: an activation module
+call (`features.3`, or `layer1.0.relu#0`, `#1`, ... for a module called several
+times per forward) or an activation function called inside some module's
+forward (`relu#0`, `encoder.gelu#1`). Hooks only hand the output tensor to
+stats.record(); nothing here reads tensor values.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import sys
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import stats
+from .config import Config
+from .errors import ConfigError
+
+# torch.nn activation modules that are not unit-wise activations.
+_NOT_UNITWISE = {"MultiheadAttention", "Softmax", "Softmin", "Softmax2d", "LogSoftmax", "GLU",
+                 "Threshold", "NonDynamicallyQuantizableLinear", "Module", "LinearActivation"}
+# Where model libraries define their own activation modules.
+_ACTIVATION_MODULE_PATHS = ("torch.nn.modules.activation", "transformers.activations",
+                            "timm.layers.activations", "timm.models.layers.activations")
+
+
+def is_activation(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__.startswith(_ACTIVATION_MODULE_PATHS) and cls.__name__ not in _NOT_UNITWISE
+
+
+def fire_threshold(kind: str, beta: float = 1.0) -> float:
+    """The activation's value at pre-activation 0: an output above it means pre-activation > 0."""
+    kind = kind.lower()
+    if kind in ("sigmoid", "hardsigmoid"):
+        return 0.5
+    if kind == "softplus":
+        return math.log(2.0) / beta
+    if kind == "logsigmoid":
+        return -math.log(2.0)
+    return 0.0
+
+
+def _producer_axis(out: torch.Tensor) -> int | None:
+    """Unit axis from the op that produced the activation's input: conv/batch-norm -> 1, linear/layer-norm -> -1."""
+    seen, frontier = set(), [out.grad_fn]
+    for _ in range(12):
+        nxt = []
+        for fn in frontier:
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            name = type(fn).__name__
+            if "Convolution" in name or "BatchNorm" in name or "GroupNorm" in name or "InstanceNorm" in name:
+                return 1
+            if any(k in name for k in ("Addmm", "MmBackward", "Bmm", "Linear", "LayerNorm", "RmsNorm", "Embedding")):
+                return -1
+            nxt.extend(f for f, _ in fn.next_functions)
+        frontier = nxt
+    return None
+
+
+def unit_axis(out: torch.Tensor, names: tuple[str, ...], config: Config) -> int:
+    """The feature axis of an activation output, as a non-negative dim."""
+    for pattern, dim in config.unit_axis:
+        if any(re.search(pattern, name) for name in names):
+            if not -out.ndim <= dim < out.ndim:
+                raise ConfigError(f"unit_axis[{pattern!r}] = {dim} is out of range for site {names[-1]!r} with {out.ndim}-d output")
+            return dim % out.ndim
+    if out.ndim <= 1:
+        return 0
+    if out.ndim == 2:
+        return 1
+    axis = _producer_axis(out)
+    if axis is None:  # no autograd graph to ask: (N, T, C) sequences are the common 3-d case
+        axis = -1 if out.ndim == 3 else 1
+    return axis % out.ndim
+
+
+class Site:
+    """One place where an activation runs; its counters are views into stats.Counters buffers."""
+
+    def __init__(self, name: str, kind: str, threshold: float, first_step: int):
+        self.name = name            # provisional for call 0 of a module: see Capture.site_names()
+        self.kind = kind
+        self.threshold = threshold
+        self.first_step = first_step
+        self.units = 0
+        self.ndim = 0
+        self.axis = 0
+        self.dims: tuple[int, ...] = ()
+        self.observations = 0       # values seen per unit in the current interval
+        self.offset = 0             # first unit in its device's flat buffers
+        self.counters: stats.Counters | None = None
+        self.step_max: torch.Tensor | None = None
+        self.step_fired: torch.Tensor | None = None
+        self.warned = False
+
+
+# ---- activation functions called inside forward -------------------------------------------
+# One set of wrappers for the whole process, shared by every active Capture: installed
+# when the first capture attaches, the originals put back when the last one closes.
+
+def _function_targets(name: str) -> list[tuple[Any, str]]:
+    targets = [(torch.nn.functional, name)]
+    if name in ("relu", "selu", "celu", "rrelu", "tanh", "sigmoid"):
+        targets.append((torch, name))
+    if name in ("relu", "leaky_relu", "elu", "celu", "selu", "rrelu"):
+        targets.append((torch.nn.functional, name + "_"))
+    if name in ("relu", "selu", "celu", "rrelu"):
+        targets.append((torch, name + "_"))
+    return [(ns, attr) for ns, attr in targets if hasattr(ns, attr)]
+
+
+class _FunctionPatch:
+    def __init__(self) -> None:
+        self.captures: list[Capture] = []
+        self.originals: dict[tuple[int, str], tuple[Any, Callable]] = {}
+        self.busy = False  # F.relu calls torch.relu: count the outer call only
+
+    def attach(self, capture: Capture) -> None:
+        self.captures.append(capture)
+        for fn_name in capture.config.functions:
+            for ns, attr in _function_targets(fn_name):
+                key = (id(ns), attr)
+                if key not in self.originals:
+                    original = getattr(ns, attr)
+                    self.originals[key] = (ns, original)
+                    setattr(ns, attr, self._wrap(fn_name, original))
+
+    def detach(self, capture: Capture) -> None:
+        if capture in self.captures:
+            self.captures.remove(capture)
+        if not self.captures:
+            for (_, attr), (ns, original) in self.originals.items():
+                setattr(ns, attr, original)
+            self.originals.clear()
+            self.busy = False
+
+    def _wrap(self, fn_name: str, original: Callable) -> Callable:
+        patch = self
+
+        @functools.wraps(original)
+        def activation(*args: Any, **kwargs: Any) -> Any:
+            if patch.busy or not any(c.depth for c in patch.captures):
+                return original(*args, **kwargs)
+            patch.busy = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                patch.busy = False
+            for capture in patch.captures:
+                if capture.depth and fn_name in capture.functions:
+                    capture.on_function(fn_name, out, kwargs, sys._getframe(1))
+            return out
+
+        activation.__deadwatch_original__ = original  # type: ignore[attr-defined]
+        return activation
+
+
+_PATCH = _FunctionPatch()
+
+
+def active_function_patches() -> int:
+    """How many torch functions are wrapped right now (0 once every monitor has closed)."""
+    return len(_PATCH.originals)
+
+
+class Capture:
+    """Hooks on one model: finds sites, decides which calls count, hands outputs to stats."""
+
+    def __init__(self, model: nn.Module, config: Config, counters: stats.Registry, step: Callable[[], int]):
+        self.model = model
+        self.config = config
+        self.functions = frozenset(config.functions)
+        self.registry = counters
+        self.step = step
+        self.depth = 0                     # > 0 while the model's forward runs
+        self.calls: dict[Any, int] = {}    # calls per module / (module, function) in this forward
+        self.sites: dict[Any, Site | None] = {}   # None: seen, but include/exclude says no
+        self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
+        self.handles: list[Any] = []
+        self.multi_call: set[str] = set()  # module paths called more than once per forward
+        self._include = [re.compile(p) for p in config.include]
+        self._exclude = [re.compile(p) for p in config.exclude]
+
+    # -- attach / detach
+    def attach(self) -> None:
+        try:
+            for path, module in self.model.named_modules():
+                act = is_activation(module)
+                self.paths[id(module)] = (path, act)
+                if act:
+                    self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
+            self.handles.append(self.model.register_forward_pre_hook(self._enter))
+            self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
+            if self.functions:
+                _PATCH.attach(self)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        _PATCH.detach(self)
+        self.depth = 0
+
+    def new_step(self) -> None:
+        self.calls.clear()
+
+    # -- hooks
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if self.depth == 0 and not _in_backward():
+            self.calls.clear()
+        self.depth += 1
+
+    def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        self.depth = max(self.depth - 1, 0)
+
+    def _on_module(self, path: str, module: nn.Module, args: Any, out: Any) -> None:
+        if _in_backward():  # recomputation of a checkpointed segment: already counted in forward
+            return
+        key = id(module)
+        call = self.calls.get(key, 0)
+        self.calls[key] = call + 1
+        if call:
+            self.multi_call.add(path)
+        if not (module.training or self.config.count_eval) or not isinstance(out, torch.Tensor):
+            return
+        site_key = (path, call)
+        site = self.sites.get(site_key, False)
+        if site is False:
+            names = (f"{path}#{call}", path) if call == 0 else (f"{path}#{call}",)
+            kind = type(module).__name__
+            site = self._new_site(site_key, names, kind, fire_threshold(kind, getattr(module, "beta", 1.0)), out)
+        if site is not None:
+            stats.record(site, out)
+
+    def on_function(self, fn_name: str, out: Any, kwargs: dict, frame: Any) -> None:
+        if _in_backward() or not isinstance(out, torch.Tensor):
+            return
+        owner = self._owner(frame)
+        if owner is None:
+            return
+        module, path, is_act = owner
+        if is_act:  # F.relu inside nn.ReLU.forward: the module's own site
+            return
+        key = (id(module), fn_name)
+        call = self.calls.get(key, 0)
+        self.calls[key] = call + 1
+        if not (module.training or self.config.count_eval):
+            return
+        site_key = (path, fn_name, call)
+        site = self.sites.get(site_key, False)
+        if site is False:
+            name = f"{path}.{fn_name}#{call}" if path else f"{fn_name}#{call}"
+            threshold = fire_threshold(fn_name, kwargs.get("beta", 1.0))
+            site = self._new_site(site_key, (name,), fn_name, threshold, out)
+        if site is not None:
+            stats.record(site, out)
+
+    def _owner(self, frame: Any) -> tuple[nn.Module, str, bool] | None:
+        """The module of this model whose forward (directly or through helpers) called the function."""
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, nn.Module):
+                found = self.paths.get(id(obj))
+                if found is not None:
+                    return obj, found[0], found[1]
+            frame = frame.f_back
+        return None
+
+    # -- sites
+    def _wanted(self, names: tuple[str, ...]) -> bool:
+        if self._include and not any(p.search(n) for p in self._include for n in names):
+            return False
+        return not any(p.search(n) for p in self._exclude for n in names)
+
+    def _new_site(self, key: Any, names: tuple[str, ...], kind: str, threshold: float, out: torch.Tensor) -> Site | None:
+        site = None
+        if self._wanted(names) and out.is_floating_point() and out.ndim >= 1:
+            site = Site(names[-1], kind, threshold, self.step())
+            self.registry.add(site, out, unit_axis(out, names, self.config))
+        self.sites[key] = site
+        return site
+
+    def site_names(self) -> list[tuple[str, Site]]:
+        """Watched sites in the order they first ran, with their final names."""
+        named = []
+        for key, site in self.sites.items():
+            if site is None:
+                continue
+            if len(key) == 2:  # module site
+                path, call = key
+                site.name = f"{path}#{call}" if path in self.multi_call else (path or type(self.model).__name__)
+            named.append((site.name, site))
+        return named
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def warn_once(site: Site, message: str) -> None:
+    if not site.warned:
+        site.warned = True
+        warnings.warn(f"deadwatch: site {site.name!r}: {message}", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,172 @@
+"""Configuration: the packaged defaults (default.yaml), a user file or mapping, overrides.
+
+Everything is validated here, when watch() is called, so that a bad key fails
+before the first training step with one message naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+REPORTERS = ("console", "jsonl", "tensorboard")
+FILE_REPORTERS = ("jsonl", "tensorboard")
+FUNCTIONS = (
+    "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "mish",
+    "hardswish", "rrelu", "softplus", "tanh", "sigmoid", "hardsigmoid",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    window: int
+    report_every: int
+    warn: float
+    critical: float
+    reporters: tuple[str, ...]
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    count_eval: bool
+    functions: tuple[str, ...]
+    unit_axis: tuple[tuple[str, int], ...]
+    reporters_given: bool = field(default=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration in the shape of default.yaml."""
+        return {
+            "window": self.window,
+            "report_every": self.report_every,
+            "thresholds": {"warn": self.warn, "critical": self.critical},
+            "reporters": list(self.reporters),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "count_eval": self.count_eval,
+            "functions": list(self.functions),
+            "unit_axis": dict(self.unit_axis),
+        }
+
+
+def default_mapping() -> dict[str, Any]:
+    """The packaged default.yaml as a mapping."""
+    text = resources.files("deadwatch").joinpath("default.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def load(config: str | os.PathLike | Mapping | None = None, **overrides: Any) -> Config:
+    """Merge defaults, `config` (None, a YAML path or a mapping) and `overrides`; validate."""
+    merged = default_mapping()
+    given: set[str] = set()
+    for source, what in ((_read(config), "config"), (overrides, "override")):
+        if not isinstance(source, Mapping):
+            raise ConfigError(f"{what} must be a mapping of keys to values, got {type(source).__name__}")
+        for key, value in source.items():
+            if key not in merged:
+                raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(merged))}")
+            if key == "thresholds" and isinstance(value, Mapping):
+                for sub in value:
+                    if sub not in ("warn", "critical"):
+                        raise ConfigError(f"unknown config key 'thresholds.{sub}'; allowed: thresholds.warn, thresholds.critical")
+                merged["thresholds"] = {**merged["thresholds"], **value}
+            else:
+                merged[key] = copy.deepcopy(value)
+            given.add(key)
+    return _validate(merged, reporters_given="reporters" in given)
+
+
+def _read(config: str | os.PathLike | Mapping | None) -> Mapping:
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return config
+    if not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(f"config must be None, a path to a YAML file or a mapping, got {type(config).__name__}")
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {os.fspath(config)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {os.fspath(config)!r} cannot be read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {os.fspath(config)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {os.fspath(config)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _fraction(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"{key} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _names(key: str, value: Any, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{key} must be a list of strings, got item {item!r}")
+        if allowed is not None and item not in allowed:
+            raise ConfigError(f"{key} has {item!r}; allowed: {', '.join(allowed)}")
+        if allowed is None:
+            _regex(key, item)
+    return tuple(value)
+
+
+def _regex(key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{key} has an invalid regular expression {pattern!r}: {e}") from None
+
+
+def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
+    thresholds = m["thresholds"]
+    if not isinstance(thresholds, Mapping):
+        raise ConfigError(f"thresholds must be a mapping with warn and critical, got {thresholds!r}")
+    warn = _fraction("thresholds.warn", thresholds["warn"])
+    critical = _fraction("thresholds.critical", thresholds["critical"])
+    if warn > critical:
+        raise ConfigError(f"thresholds.warn ({warn}) must not exceed thresholds.critical ({critical})")
+    if not isinstance(m["count_eval"], bool):
+        raise ConfigError(f"count_eval must be true or false, got {m['count_eval']!r}")
+    axes = m["unit_axis"] or {}
+    if not isinstance(axes, Mapping):
+        raise ConfigError(f"unit_axis must be a mapping of site regex to dim, got {axes!r}")
+    for pattern, dim in axes.items():
+        if not isinstance(pattern, str):
+            raise ConfigError(f"unit_axis keys must be regex strings, got {pattern!r}")
+        _regex("unit_axis", pattern)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ConfigError(f"unit_axis[{pattern!r}] must be an integer dim, got {dim!r}")
+    return Config(
+        window=_int("window", m["window"]),
+        report_every=_int("report_every", m["report_every"]),
+        warn=warn,
+        critical=critical,
+        reporters=tuple(dict.fromkeys(_names("reporters", m["reporters"], REPORTERS))),
+        include=_names("include", m["include"]),
+        exclude=_names("exclude", m["exclude"]),
+        count_eval=m["count_eval"],
+        functions=tuple(dict.fromkeys(_names("functions", m["functions"], FUNCTIONS))),
+        unit_axis=tuple(axes.items()),
+        reporters_given=reporters_given,
+    )

@@ -1,0 +1,152 @@
+"""The Monitor: ties capture -> stats -> analysis -> reporters to one training loop."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Mapping
+
+import torch.distributed as dist
+from torch import nn
+
+from . import analysis, config as config_mod, stats
+from .capture import Capture
+from .config import FILE_REPORTERS, Config
+from .errors import ConfigError
+
+
+def watch(model: nn.Module, config: str | os.PathLike | Mapping | None = None,
+          logdir: str | os.PathLike | None = None, **overrides: Any) -> Monitor:
+    """Start watching `model`'s activations. Call monitor.step() once per training step."""
+    return Monitor(model, config_mod.load(config, **overrides), logdir)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class Monitor:
+    def __init__(self, model: nn.Module, config: Config, logdir: str | os.PathLike | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"deadwatch.watch() needs a torch.nn.Module, got {type(model).__name__}")
+        self.config = config
+        self.logdir = os.fspath(logdir) if logdir is not None else None
+        self.steps = 0                     # completed training steps (calls of step())
+        self._reported_step = 0            # step of the last periodic report
+        self._closed = False
+        self._registry = stats.Registry()
+        self._capture = Capture(model, config, self._registry, lambda: self.steps)
+        self._reporters = self._make_reporters() if _rank() == 0 else []
+        try:
+            self._capture.attach()
+        except BaseException:
+            self._close_reporters()
+            raise
+
+    # -- public API
+    def step(self) -> None:
+        """Mark the end of one training step; every report_every steps, report."""
+        if self._closed:
+            raise RuntimeError("deadwatch: step() called on a closed monitor")
+        self._registry.fold(self.steps)
+        self.steps += 1
+        self._capture.new_step()
+        if self.steps % self.config.report_every == 0:
+            self._periodic_report()
+
+    def report(self) -> analysis.Report:
+        """The verdict now; resets nothing. Collective under torch.distributed."""
+        figures = self._registry.snapshot(self.steps, self.config.window)
+        layers = [analysis.layer_report(name, site.kind, self.steps > site.first_step, figures[id(site)], self.config)
+                  for name, site in self._capture.site_names()]
+        return analysis.Report(step=self.steps, window=self.config.window, layers=layers)
+
+    def close(self) -> None:
+        """Report the steps not yet reported, remove every hook, close the reporters. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.steps > self._reported_step:
+                self._periodic_report()
+        finally:
+            self._capture.detach()
+            self._close_reporters()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The loop failed: no collective now (other ranks may not get here), just let go of the model.
+        if self._closed:
+            return
+        self._closed = True
+        self._capture.detach()
+        self._close_reporters()
+
+    # -- internals
+    def _periodic_report(self) -> None:
+        report = self.report()
+        self._reported_step = self.steps
+        self._registry.reset_interval()
+        for reporter in list(self._reporters):
+            try:
+                reporter.emit(report)
+            except Exception as e:  # a reporter must never stop training
+                self._drop(reporter, e)
+
+    def _drop(self, reporter: Any, error: Exception) -> None:
+        warnings.warn(f"deadwatch: {type(reporter).__name__} failed ({error}); it is turned off, training goes on",
+                      RuntimeWarning, stacklevel=3)
+        self._reporters.remove(reporter)
+        try:
+            reporter.close()
+        except Exception:
+            pass
+
+    def _close_reporters(self) -> None:
+        for reporter in list(self._reporters):
+            try:
+                reporter.close()
+            except Exception as e:
+                self._drop(reporter, e)
+        self._reporters = []
+
+    def _make_reporters(self) -> list[Any]:
+        names = list(self.config.reporters)
+        if self.logdir is None:
+            wanted = [n for n in names if n in FILE_REPORTERS]
+            if wanted and self.config.reporters_given:
+                raise ConfigError(f"reporters {wanted} write files and need a logdir: "
+                                  f"pass watch(..., logdir=DIR) or drop them from reporters")
+            names = [n for n in names if n not in FILE_REPORTERS]
+        else:
+            try:
+                os.makedirs(self.logdir, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"logdir {self.logdir!r} cannot be created: {e.strerror}") from None
+            if not os.access(self.logdir, os.W_OK):
+                raise ConfigError(f"logdir {self.logdir!r} is not writable")
+        reporters: list[Any] = []
+        try:
+            for name in names:
+                reporters.append(_reporter(name, self))
+        except BaseException:
+            for reporter in reporters:
+                reporter.close()
+            raise
+        return reporters
+
+
+def _reporter(name: str, monitor: Monitor) -> Any:
+    if name == "console":
+        from .reporters.console import ConsoleReporter
+        return ConsoleReporter()
+    if name == "jsonl":
+        from .reporters.runlog import RunLogReporter
+        return RunLogReporter(monitor.logdir, monitor.config)
+    from .reporters.tensorboard import TensorBoardReporter
+    return TensorBoardReporter(monitor.logdir, monitor.config)

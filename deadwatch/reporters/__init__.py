@@ -1,0 +1,1 @@
+"""Reporters: where reports go. Each has emit(report) and close()."""
