@@ -96,7 +96,8 @@ class Site:
         self.ndim = 0
         self.axis = 0
         self.dims: tuple[int, ...] = ()
-        self.observations = 0       # values seen per unit in the current interval
+        self.observations = 0       # values seen per unit in the current interval (completed steps)
+        self.step_observations = 0  # ... in the step now running
         self.offset = 0             # first unit in its device's flat buffers
         self.counters: stats.Counters | None = None
         self.step_max: torch.Tensor | None = None

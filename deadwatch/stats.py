@@ -36,7 +36,7 @@ def record(site: Site, out: torch.Tensor) -> None:
         return
     torch.maximum(site.step_max, torch.amax(x, site.dims), out=site.step_max)
     site.step_fired.add_(torch.sum(x > site.threshold, site.dims, dtype=torch.int32))
-    site.observations += x.numel() // site.units
+    site.step_observations += x.numel() // site.units
 
 
 class Counters:
@@ -89,6 +89,7 @@ class Registry:
     def __init__(self) -> None:
         self.by_device: dict[torch.device, Counters] = {}
         self.sites: list[Site] = []
+        self.reset_pending = False
 
     def add(self, site: Site, out: torch.Tensor, axis: int) -> None:
         site.ndim = out.ndim
@@ -103,13 +104,17 @@ class Registry:
 
     def fold(self, step: int) -> None:
         for counters in self.by_device.values():
+            if self.reset_pending:
+                counters.fired.zero_()
             counters.fold(step)
+        for site in self.sites:
+            site.observations = site.step_observations + (0 if self.reset_pending else site.observations)
+            site.step_observations = 0
+        self.reset_pending = False
 
     def reset_interval(self) -> None:
-        for counters in self.by_device.values():
-            counters.fired.zero_()
-        for site in self.sites:
-            site.observations = 0
+        """Start a new interval with the next step; until then reports still show the last one."""
+        self.reset_pending = True
 
     def snapshot(self, steps: int, window: int) -> dict[int, dict[str, np.ndarray | int]]:
         """Host copy of every site's figures over the window / interval, merged across ranks.

@@ -1,0 +1,143 @@
+"""Training-step overhead of deadwatch at defaults (reporters off), paired against plain steps.
+
+A plain and a watched copy of each model live in one process; their steps are
+interleaved one by one, alternating which goes first, and the medians are
+compared: whole-run timings on a shared machine drift by more than the effect.
+
+    python benchmarks/overhead.py [--steps 300] [--threads 1] [--models mlp,cnn,transformer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deadwatch
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                                 nn.Linear(1024, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class CNN(nn.Module):
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(*[BasicBlock(c) for _ in range(3)])
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))  # functional activation, as many models do
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab: int = 1000, d: int = 128, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blocks(self.emb(x)))
+
+
+def workloads() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "mlp": (MLP(), torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)),
+        "cnn": (CNN(), torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
+        "transformer": (Transformer(), torch.randint(0, 1000, (16, 64), generator=g),
+                        torch.randint(0, 1000, (16, 64), generator=g)),
+    }
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor=None):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        out = model(x)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if monitor is not None:
+            monitor.step()
+        return time.perf_counter() - t0
+    return step
+
+
+def pair(plain_step, watched_step, steps: int, warmup: int) -> tuple[float, float]:
+    plain, watched = [], []
+    for i in range(warmup + steps):
+        if i % 2:
+            tw, tp = watched_step(), plain_step()
+        else:
+            tp, tw = plain_step(), watched_step()
+        if i >= warmup:
+            plain.append(tp)
+            watched.append(tw)
+    return statistics.median(plain), statistics.median(watched)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default="mlp,cnn,transformer")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    loads = workloads()
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} paired steps, medians")
+    print(f"{'model':<12} {'plain ms':>9} {'watched ms':>11} {'ratio':>7}")
+    worst = 0.0
+    for name in args.models.split(","):
+        model, x, y = loads[name]
+        twin = copy.deepcopy(model)
+        with deadwatch.watch(twin, reporters=[]) as monitor:
+            p, w = pair(make_step(model, x, y), make_step(twin, x, y, monitor), args.steps, args.warmup)
+        worst = max(worst, w / p)
+        print(f"{name:<12} {1e3 * p:>9.2f} {1e3 * w:>11.2f} {w / p:>7.3f}")
+    print(f"worst ratio {worst:.3f}")
+
+
+if __name__ == "__main__":
+    main()
