@@ -32,6 +32,7 @@ class Config:
     warn: float
     critical: float
     reporters: tuple[str, ...]
+    image_every: int
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     count_eval: bool
@@ -46,6 +47,7 @@ class Config:
             "report_every": self.report_every,
             "thresholds": {"warn": self.warn, "critical": self.critical},
             "reporters": list(self.reporters),
+            "image_every": self.image_every,
             "include": list(self.include),
             "exclude": list(self.exclude),
             "count_eval": self.count_eval,
@@ -163,6 +165,7 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         warn=warn,
         critical=critical,
         reporters=tuple(dict.fromkeys(_names("reporters", m["reporters"], REPORTERS))),
+        image_every=_int("image_every", m["image_every"]),
         include=_names("include", m["include"]),
         exclude=_names("exclude", m["exclude"]),
         count_eval=m["count_eval"],

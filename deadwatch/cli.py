@@ -1,0 +1,194 @@
+"""The `deadwatch` command: summary, compare, demo. Reads run logs only.
+
+Exit codes: 0 fine; 1 --fail-on triggered; 2 usage or input error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import warnings
+from typing import Iterator, Sequence
+
+from rich.console import Console, Group
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from .analysis import CRITICAL, NONFINITE, OK, WARN, LayerReport, Report
+from .errors import DeadwatchError
+from .reporters import runlog
+from .reporters.console import STYLES, percent
+
+LEVELS = {OK: 0, WARN: 1, CRITICAL: 2, NONFINITE: 3}
+PROGRESS_MIN_BYTES = 1 << 20
+MAX_LISTED_UNITS = 12
+
+
+class UsageError(DeadwatchError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _read(run_dir: str, console: Console) -> runlog.RunLog:
+    def progress(lines: Iterator[str], size: int) -> Iterator[str]:
+        if size < PROGRESS_MIN_BYTES or not console.is_terminal:
+            yield from lines
+            return
+        with Progress(TextColumn("reading run log"), BarColumn(), DownloadColumn(), console=console,
+                      transient=True) as bar:
+            task = bar.add_task("read", total=size)
+            for line in lines:
+                bar.advance(task, len(line.encode()))
+                yield line
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = runlog.read(run_dir, progress)
+    if caught:
+        console.print(f"[yellow]warning:[/] {log.path}: skipped {len(caught)} torn or corrupt line(s)")
+    return log
+
+
+def _select(report: Report, pattern: str | None) -> Report:
+    if pattern is None:
+        return report
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"--site {pattern!r} is not a valid regular expression: {e}") from None
+    layers = [layer for layer in report.layers if regex.search(layer.name)]
+    if not layers:
+        raise UsageError(f"--site {pattern!r} matches no site; sites: {', '.join(l.name for l in report.layers)}")
+    return Report(step=report.step, window=report.window, layers=layers)
+
+
+def units_text(units: list[int]) -> str:
+    if len(units) <= MAX_LISTED_UNITS:
+        return ", ".join(map(str, units))
+    head = ", ".join(map(str, units[:MAX_LISTED_UNITS - 2]))
+    return f"{head}, ..., {units[-1]} ({len(units)} units)"
+
+
+def _trend(first: LayerReport | None, last: LayerReport) -> Text:
+    if first is None:
+        return Text(f"new -> {percent(last.dead_fraction)}")
+    arrow = "↑" if last.dead_fraction > first.dead_fraction else "↓" if last.dead_fraction < first.dead_fraction else "→"
+    style = "red" if arrow == "↑" else "green" if arrow == "↓" else ""
+    return Text(f"{percent(first.dead_fraction)} -> {percent(last.dead_fraction)} {arrow}", style=style)
+
+
+def summary_view(log: runlog.RunLog, report: Report) -> Group:
+    first = {layer.name: layer for layer in Report.from_dict(log.records[0]).layers}
+    table = Table(title=f"{log.path}: step {report.step}, window {report.window} steps, {len(log.records)} reports, "
+                        f"{percent(report.dead_fraction)} of {report.units} units dead", title_justify="left")
+    for column, justify in (("site", "left"), ("kind", "left"), ("units", "right"), ("dead", "right"),
+                            ("zero frac", "right"), ("dead trend", "left"), ("status", "left")):
+        table.add_column(column, justify=justify)
+    for layer in report.layers:
+        table.add_row(layer.name, layer.kind, str(layer.units),
+                      f"{len(layer.dead_units)} ({percent(layer.dead_fraction)})", percent(layer.zero_fraction),
+                      _trend(first.get(layer.name), layer), Text(layer.status, style=STYLES[layer.status]))
+    notes = []
+    for layer in report.flagged:
+        notes.append(Text.assemble((f"{layer.name} ({layer.status}): ", STYLES[layer.status]), layer.hint or ""))
+        if layer.dead_units:
+            notes.append(Text(f"  dead units: {units_text(layer.dead_units)}"))
+    if not report.flagged:
+        notes.append(Text("no site flagged", style="green"))
+    return Group(table, *notes)
+
+
+def cmd_summary(args: argparse.Namespace, out: Console, err: Console) -> int:
+    log = _read(args.run_dir, err)
+    report = _select(log.last, args.site)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        out.print(summary_view(log, report))
+    if args.fail_on:
+        failing = [layer.name for layer in report.layers if LEVELS[layer.status] >= LEVELS[args.fail_on]]
+        if failing:
+            err.print(f"deadwatch: {len(failing)} site(s) at or above {args.fail_on}: {', '.join(failing)}")
+            return 1
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, out: Console, err: Console) -> int:
+    a, b = (_read(d, err).last for d in (args.run_a, args.run_b))
+    table = Table(title=f"A = {args.run_a} (step {a.step})   B = {args.run_b} (step {b.step})", title_justify="left")
+    for column in ("site", "A dead", "A status", "B dead", "B status", "change"):
+        table.add_column(column, justify="right" if "dead" in column else "left")
+    by_a = {layer.name: layer for layer in a.layers}
+    by_b = {layer.name: layer for layer in b.layers}
+    for name in list(by_a) + [n for n in by_b if n not in by_a]:
+        la, lb = by_a.get(name), by_b.get(name)
+        cells = []
+        for layer in (la, lb):
+            cells += ["-", Text("absent", style="dim")] if layer is None else \
+                [f"{len(layer.dead_units)} ({percent(layer.dead_fraction)})", Text(layer.status, style=STYLES[layer.status])]
+        if la is None or lb is None:
+            change = Text("")
+        else:
+            delta = lb.dead_fraction - la.dead_fraction
+            change = Text(f"{100 * delta:+.1f} pts", style="green" if delta < 0 else "red" if delta > 0 else "")
+        table.add_row(name, *cells, change)
+    out.print(table)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from . import demo
+
+    logdir = args.logdir
+    demo.run(logdir)
+    for name in ("healthy", "dying"):
+        log = runlog.read(os.path.join(logdir, name))
+        out.print()
+        out.print(summary_view(log, log.last))
+    out.print(f"\nOpen the dashboards:  tensorboard --logdir {logdir}")
+    out.print(f"Summaries again:      deadwatch summary {os.path.join(logdir, 'dying')}")
+    out.print(f"Did the fix help?     deadwatch compare {os.path.join(logdir, 'dying')} {os.path.join(logdir, 'healthy')}")
+    return 0
+
+
+def parser() -> Parser:
+    p = Parser(prog="deadwatch", description="Dead-neuron monitor for PyTorch: read run logs, run the demo.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    s = sub.add_parser("summary", help="the last report of a run, with trends and flagged sites")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a logdir given to deadwatch.watch() (holds deadwatch.jsonl)")
+    s.add_argument("--json", action="store_true", help="print the last report as one JSON object")
+    s.add_argument("--fail-on", choices=("warn", "critical"), help="exit 1 when a site is at or above this level")
+    s.add_argument("--site", metavar="REGEX", help="only sites whose name matches REGEX (re.search)")
+    s.set_defaults(run=cmd_summary)
+    c = sub.add_parser("compare", help="two runs side by side, per site")
+    c.add_argument("run_a", metavar="RUN_A")
+    c.add_argument("run_b", metavar="RUN_B")
+    c.set_defaults(run=cmd_compare)
+    d = sub.add_parser("demo", help="train a healthy and a dying network on bundled data, watched")
+    d.add_argument("--logdir", default=os.path.join("runs", "demo"), help="where the runs go (default: runs/demo)")
+    d.set_defaults(run=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out, err = Console(), Console(stderr=True)
+    try:
+        args = parser().parse_args(argv)
+        return args.run(args, out, err)
+    except DeadwatchError as e:
+        err.print(f"deadwatch: {e}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

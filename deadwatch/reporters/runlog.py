@@ -1,0 +1,123 @@
+"""The run log: <logdir>/deadwatch.jsonl, one JSON object per line, the CLI's source of truth.
+
+The first record of a run (and of each resumed run) is a header:
+    {"type": "header", "started": ISO time, "deadwatch": version, "torch": version,
+     "config": {...}, "resumed": bool}
+then one record per report:
+    {"type": "report", "time": ISO time, **Report.to_dict(), "firing_rate": {site: [per-unit rate]}}
+Per-unit firing rates are written for sites of at most FIRING_RATE_CAP units (wider sites
+keep their dead unit indices only). Every record is flushed as it is written, so a run
+killed with SIGKILL keeps every report up to its last; a torn last line is skipped by readers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import warnings
+from typing import IO, Any, Callable, Iterator
+
+from ..analysis import Report
+from ..config import Config
+from ..errors import RunLogError
+
+FILENAME = "deadwatch.jsonl"
+FIRING_RATE_CAP = 4096  # units per site above which per-unit firing rates are left out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunLogReporter:
+    def __init__(self, logdir: str, config: Config):
+        import torch
+
+        from .. import __version__
+
+        self.path = os.path.join(logdir, FILENAME)
+        resumed = os.path.exists(self.path) and os.path.getsize(self.path) > 0
+        self.file: IO[str] | None = open(self.path, "a", encoding="utf-8")
+        self._write({"type": "header", "started": _now(), "deadwatch": __version__, "torch": torch.__version__,
+                     "config": config.to_dict(), "resumed": resumed})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self.file is not None
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
+        self.file.flush()
+
+    def emit(self, report: Report) -> None:
+        rates = {layer.name: [round(float(r), 6) for r in layer.firing_rate]
+                 for layer in report.layers
+                 if layer.firing_rate is not None and layer.units <= FIRING_RATE_CAP}
+        self._write({"type": "report", "time": _now(), **report.to_dict(), "firing_rate": rates})
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class RunLog:
+    """What a run log holds: the headers and the reports, in file order."""
+
+    def __init__(self, path: str, headers: list[dict], records: list[dict], skipped: int):
+        self.path = path
+        self.headers = headers
+        self.records = records
+        self.skipped = skipped
+
+    @property
+    def reports(self) -> list[Report]:
+        return [Report.from_dict(r) for r in self.records]
+
+    @property
+    def last(self) -> Report:
+        return Report.from_dict(self.records[-1])
+
+
+def find(run_dir: str) -> str:
+    """The run log of RUN_DIR, or a RunLogError saying what is there instead."""
+    if not os.path.exists(run_dir):
+        raise RunLogError(f"{run_dir}: no such directory")
+    if os.path.isfile(run_dir):
+        return run_dir
+    path = os.path.join(run_dir, FILENAME)
+    if os.path.isfile(path):
+        return path
+    nested = sorted(os.path.relpath(os.path.join(root, FILENAME), run_dir)
+                    for root, _, files in os.walk(run_dir) if FILENAME in files)
+    hint = f"; run logs below it: {', '.join(os.path.join(run_dir, os.path.dirname(n)) for n in nested)}" if nested else ""
+    raise RunLogError(f"{run_dir}: no {FILENAME} here (is it a deadwatch logdir?){hint}")
+
+
+def read(run_dir: str, progress: Callable[[Iterator[str], int], Iterator[str]] | None = None) -> RunLog:
+    """Read a run log; torn or corrupt lines are skipped with a warning."""
+    path = find(run_dir)
+    headers, records, skipped = [], [], 0
+    try:
+        size = os.path.getsize(path)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines: Iterator[str] = iter(f)
+            if progress is not None:
+                lines = progress(lines, size)
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    kind = record["type"]
+                    if kind == "report":
+                        Report.from_dict(record)  # checks the fields a reader needs
+                except (ValueError, KeyError, TypeError):
+                    skipped += 1
+                    warnings.warn(f"{path}:{number}: skipped a torn or corrupt record", RuntimeWarning, stacklevel=2)
+                    continue
+                (headers if kind == "header" else records).append(record)
+    except OSError as e:
+        raise RunLogError(f"{path}: cannot be read: {e.strerror}") from None
+    if not records:
+        raise RunLogError(f"{path}: holds no report yet (the monitor writes one every report_every steps and at close)")
+    return RunLog(path, headers, records, skipped)
+
