@@ -288,7 +288,7 @@ class Capture:
 
     def _new_site(self, key: Any, names: tuple[str, ...], kind: str, threshold: float, out: torch.Tensor) -> Site | None:
         site = None
-        if self._wanted(names) and out.is_floating_point() and out.ndim >= 1:
+        if self._wanted(names) and out.is_floating_point() and out.ndim >= 2:
             site = Site(names[-1], kind, threshold, self.step())
             self.registry.add(site, out, unit_axis(out, names, self.config))
         self.sites[key] = site

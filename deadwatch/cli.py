@@ -53,7 +53,7 @@ def _read(run_dir: str, console: Console) -> runlog.RunLog:
         warnings.simplefilter("always")
         log = runlog.read(run_dir, progress)
     if caught:
-        console.print(f"[yellow]warning:[/] {log.path}: skipped {len(caught)} torn or corrupt line(s)")
+        console.print(Text(f"warning: {log.path}: skipped {len(caught)} torn or corrupt line(s)", style="yellow"))
     return log
 
 
@@ -87,13 +87,13 @@ def _trend(first: LayerReport | None, last: LayerReport) -> Text:
 
 def summary_view(log: runlog.RunLog, report: Report) -> Group:
     first = {layer.name: layer for layer in Report.from_dict(log.records[0]).layers}
-    table = Table(title=f"{log.path}: step {report.step}, window {report.window} steps, {len(log.records)} reports, "
-                        f"{percent(report.dead_fraction)} of {report.units} units dead", title_justify="left")
+    table = Table(title=Text(f"{log.path}: step {report.step}, window {report.window} steps, {len(log.records)} reports, "
+                             f"{percent(report.dead_fraction)} of {report.units} units dead"), title_justify="left")
     for column, justify in (("site", "left"), ("kind", "left"), ("units", "right"), ("dead", "right"),
                             ("zero frac", "right"), ("dead trend", "left"), ("status", "left")):
         table.add_column(column, justify=justify)
     for layer in report.layers:
-        table.add_row(layer.name, layer.kind, str(layer.units),
+        table.add_row(Text(layer.name), Text(layer.kind), str(layer.units),
                       f"{len(layer.dead_units)} ({percent(layer.dead_fraction)})", percent(layer.zero_fraction),
                       _trend(first.get(layer.name), layer), Text(layer.status, style=STYLES[layer.status]))
     notes = []
@@ -123,7 +123,8 @@ def cmd_summary(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def cmd_compare(args: argparse.Namespace, out: Console, err: Console) -> int:
     a, b = (_read(d, err).last for d in (args.run_a, args.run_b))
-    table = Table(title=f"A = {args.run_a} (step {a.step})   B = {args.run_b} (step {b.step})", title_justify="left")
+    table = Table(title=Text(f"A = {args.run_a} (step {a.step})   B = {args.run_b} (step {b.step})"),
+                  title_justify="left")
     for column in ("site", "A dead", "A status", "B dead", "B status", "change"):
         table.add_column(column, justify="right" if "dead" in column else "left")
     by_a = {layer.name: layer for layer in a.layers}
@@ -139,7 +140,7 @@ def cmd_compare(args: argparse.Namespace, out: Console, err: Console) -> int:
         else:
             delta = lb.dead_fraction - la.dead_fraction
             change = Text(f"{100 * delta:+.1f} pts", style="green" if delta < 0 else "red" if delta > 0 else "")
-        table.add_row(name, *cells, change)
+        table.add_row(Text(name), *cells, change)
     out.print(table)
     return 0
 
@@ -153,9 +154,10 @@ def cmd_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
         log = runlog.read(os.path.join(logdir, name))
         out.print()
         out.print(summary_view(log, log.last))
-    out.print(f"\nOpen the dashboards:  tensorboard --logdir {logdir}")
-    out.print(f"Summaries again:      deadwatch summary {os.path.join(logdir, 'dying')}")
-    out.print(f"Did the fix help?     deadwatch compare {os.path.join(logdir, 'dying')} {os.path.join(logdir, 'healthy')}")
+    dying, healthy = os.path.join(logdir, "dying"), os.path.join(logdir, "healthy")
+    out.print(f"\nOpen the dashboards:  tensorboard --logdir {logdir}\n"
+              f"Summaries again:      deadwatch summary {dying}\n"
+              f"Did the fix help?     deadwatch compare {dying} {healthy}", markup=False, highlight=False)
     return 0
 
 

@@ -30,7 +30,7 @@ def render(report: Report, title: str | None = None) -> Group:
     table.add_column("zero frac", justify="right")
     table.add_column("status")
     for layer in report.layers:
-        table.add_row(layer.name, layer.kind, str(layer.units),
+        table.add_row(Text(layer.name), Text(layer.kind), str(layer.units),
                       f"{len(layer.dead_units)} ({percent(layer.dead_fraction)})",
                       percent(layer.zero_fraction), Text(layer.status, style=STYLES[layer.status]))
     hints = [Text.assemble((f"{layer.name}: ", STYLES[layer.status]), layer.hint or "")
