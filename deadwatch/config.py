@@ -114,7 +114,14 @@ def _int(key: str, value: Any) -> int:
 
 def _fraction(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ConfigError(f"{key} must be a number in [0, 1], got {value!r}")
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads 1e-2 as text: write 0.01 or 1.0e-2)"
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number in [0, 1], got {value!r}{hint}")
     return float(value)
 
 

@@ -36,7 +36,8 @@ class Monitor:
         self._closed = False
         self._registry = stats.Registry()
         self._capture = Capture(model, config, self._registry, lambda: self.steps)
-        self._reporters = self._make_reporters() if _rank() == 0 else []
+        names = self._reporter_names()      # checked on every rank, so no rank trains on alone
+        self._reporters = self._make_reporters(names) if _rank() == 0 else []
         try:
             self._capture.attach()
         except BaseException:
@@ -115,7 +116,8 @@ class Monitor:
                 self._drop(reporter, e)
         self._reporters = []
 
-    def _make_reporters(self) -> list[Any]:
+    def _reporter_names(self) -> list[str]:
+        """The reporters to build; raises ConfigError for a missing or unusable logdir."""
         names = list(self.config.reporters)
         if self.logdir is None:
             wanted = [n for n in names if n in FILE_REPORTERS]
@@ -123,13 +125,16 @@ class Monitor:
                 raise ConfigError(f"reporters {wanted} write files and need a logdir: "
                                   f"pass watch(..., logdir=DIR) or drop them from reporters")
             names = [n for n in names if n not in FILE_REPORTERS]
-        else:
+        elif any(n in FILE_REPORTERS for n in names):
             try:
                 os.makedirs(self.logdir, exist_ok=True)
             except OSError as e:
                 raise ConfigError(f"logdir {self.logdir!r} cannot be created: {e.strerror}") from None
             if not os.access(self.logdir, os.W_OK):
                 raise ConfigError(f"logdir {self.logdir!r} is not writable")
+        return names
+
+    def _make_reporters(self, names: list[str]) -> list[Any]:
         reporters: list[Any] = []
         try:
             for name in names:

@@ -155,3 +155,33 @@ def test_console_reporter_on_a_real_monitor():
     assert r["1"][-1] == "critical"
     assert flat(f"1: {HINTS['critical']}") in flat(text)
     assert text.count("deadwatch: step 3") == 1  # close() does not report the same step again
+
+
+@pytest.mark.parametrize("name", ["act[relu]", "gates[bold]", "mix[/]"])
+def test_site_names_are_printed_verbatim_not_as_markup(name):
+    """Module names may hold any character but '.', e.g. nn.ModuleDict keys; rich markup must not eat them."""
+    report = Report(step=1, window=1, layers=[layer(name, "ReLU", 2, [0], 0.5, "critical")])
+    text = plain(render(report))
+    assert name in rows(text), text
+    assert flat(f"{name}: {HINTS['critical']}") in flat(text)
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.acts = nn.ModuleDict({"act[relu]": nn.ReLU()})
+
+    def forward(self, x):
+        return self.acts["act[relu]"](self.fc(x))
+
+
+def test_bracketed_module_name_from_a_real_monitor():
+    model = Gated()
+    buf = io.StringIO()
+    with deadwatch.watch(model, reporters=[], report_every=1) as monitor:
+        monitor._reporters.append(ConsoleReporter(file=buf))
+        model(torch.randn(3, 4))
+        monitor.step()
+        assert [lr.name for lr in monitor.report().layers] == ["acts.act[relu]"]
+    assert "acts.act[relu]" in rows(buf.getvalue()), buf.getvalue()

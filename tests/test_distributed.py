@@ -68,6 +68,13 @@ def _worker(rank: int, world_size: int, store: str, outdir: str) -> None:
 
         torch.manual_seed(0)
         model = Planted()
+        # a bad configuration must fail on every rank, not on rank 0 only (the others would
+        # go on training and hang in the first collective); no collective is reached here
+        try:
+            deadwatch.watch(model, reporters=["jsonl"]).close()
+            config_error = None
+        except deadwatch.ConfigError as e:
+            config_error = str(e)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay as planted, on both ranks
         local_fired_unit2 = False
         with deadwatch.watch(model, reporters=["console"], report_every=1000, window=1000) as monitor:
@@ -80,7 +87,7 @@ def _worker(rank: int, world_size: int, store: str, outdir: str) -> None:
                 with torch.no_grad():
                     local_fired_unit2 |= bool((model.fc1(x)[:, 2] > 0).any())
             report = monitor.report()
-        result = {"report": report.to_dict(), "local_fired_unit2": local_fired_unit2,
+        result = {"report": report.to_dict(), "local_fired_unit2": local_fired_unit2, "config_error": config_error,
                   "weights": [p.detach().flatten().tolist() for p in model.parameters()]}
         with open(os.path.join(outdir, f"report{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -145,3 +152,8 @@ def test_only_rank_0_prints(ranks):
     assert f"deadwatch: step {STEPS}" in out0
     assert "act" in out0 and "relu#0" in out0 and "critical" in out0
     assert out1 == ""
+
+
+def test_file_reporter_without_logdir_fails_on_every_rank(ranks):
+    assert ranks[0]["config_error"] and "logdir" in ranks[0]["config_error"]
+    assert ranks[1]["config_error"] is not None, "rank 1 accepted a configuration that rank 0 rejected"

@@ -297,29 +297,33 @@ class Exploding(nn.Module):
         return h
 
 
-@pytest.mark.parametrize("where", ["body", "mid_forward", "keyboard_interrupt"])
+@pytest.mark.parametrize("where", ["body", "mid_forward", "keyboard_interrupt", "config_error_in_hook"])
 def test_hooks_removed_when_the_with_body_raises(where):
     model = Exploding()
     before = _snapshot(model)
-    error = {"body": Boom("in body"), "mid_forward": None, "keyboard_interrupt": KeyboardInterrupt()}[where]
+    error = {"body": Boom("in body"), "keyboard_interrupt": KeyboardInterrupt()}.get(where)
+    # unit_axis out of range for a 2-d output: only found when the hook first sees the output
+    overrides = {"unit_axis": {"^act$": 5}} if where == "config_error_in_hook" else {}
     seen_at_catch = None
     raised = None
     try:
-        with deadwatch.watch(model, reporters=[], report_every=1) as monitor:
+        with deadwatch.watch(model, reporters=[], report_every=1, **overrides) as monitor:
             _assert_attached(model)
             model(torch.randn(4, 20)).sum().backward()
             monitor.step()
             if where == "mid_forward":
                 model.explode = True
                 model(torch.randn(4, 20))
-            else:
+            elif error is not None:
                 raise error
-    except (Boom, KeyboardInterrupt) as e:
+    except (Boom, KeyboardInterrupt, deadwatch.ConfigError) as e:
         raised = e
         seen_at_catch = _snapshot(model)  # state at the moment the exception reaches the caller
     assert raised is not None, "the exception was swallowed"
     if error is not None:
         assert raised is error
+    if where == "config_error_in_hook":
+        assert isinstance(raised, deadwatch.ConfigError) and "unit_axis" in str(raised)
     assert seen_at_catch[0] == before[0]
     assert seen_at_catch[1] == before[1]
     _assert_clean(before, model)
