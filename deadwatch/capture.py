@@ -67,7 +67,31 @@ def _producer_axis(out: torch.Tensor) -> int | None:
     return None
 
 
-def unit_axis(out: torch.Tensor, names: tuple[str, ...], config: Config) -> int:
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _neighbour_axis(out: torch.Tensor, context: nn.Module | None) -> int | None:
+    """Unit axis from the layers around the activation: a conv / batch norm with out.shape[1] channels
+    means dim 1, a linear / layer norm with out.shape[-1] features means the last dim."""
+    if context is None:
+        return None
+    for modules in (list(context.children()), list(context.modules())):
+        first = last = False
+        for m in modules:
+            if isinstance(m, _CHANNELS_FIRST):
+                first |= out.shape[1] == getattr(m, "out_channels", getattr(m, "num_features", None))
+            elif isinstance(m, nn.GroupNorm):
+                first |= out.shape[1] == m.num_channels
+            elif isinstance(m, nn.Linear):
+                last |= out.shape[-1] == m.out_features
+            elif isinstance(m, nn.LayerNorm):
+                last |= out.shape[-1] == m.normalized_shape[-1]
+        if first != last:
+            return 1 if first else -1
+    return None
+
+
+def unit_axis(out: torch.Tensor, names: tuple[str, ...], config: Config, context: nn.Module | None = None) -> int:
     """The feature axis of an activation output, as a non-negative dim."""
     for pattern, dim in config.unit_axis:
         if any(re.search(pattern, name) for name in names):
@@ -79,7 +103,9 @@ def unit_axis(out: torch.Tensor, names: tuple[str, ...], config: Config) -> int:
     if out.ndim == 2:
         return 1
     axis = _producer_axis(out)
-    if axis is None:  # no autograd graph to ask: (N, T, C) sequences are the common 3-d case
+    if axis is None:  # no autograd graph (a no_grad forward): ask the neighbouring layers
+        axis = _neighbour_axis(out, context)
+    if axis is None:  # (N, T, C) sequences are the common 3-d case
         axis = -1 if out.ndim == 3 else 1
     return axis % out.ndim
 
@@ -124,6 +150,7 @@ class _FunctionPatch:
     def __init__(self) -> None:
         self.captures: list[Capture] = []
         self.originals: dict[tuple[int, str], tuple[Any, Callable]] = {}
+        self.wrappers: dict[int, Callable] = {}  # id(original function) -> its wrapper
         self.busy = False  # F.relu calls torch.relu: count the outer call only
 
     def attach(self, capture: Capture) -> None:
@@ -134,7 +161,8 @@ class _FunctionPatch:
                 if key not in self.originals:
                     original = getattr(ns, attr)
                     self.originals[key] = (ns, original)
-                    setattr(ns, attr, self._wrap(fn_name, original))
+                    self.wrappers[id(original)] = self._wrap(fn_name, original)
+                    setattr(ns, attr, self.wrappers[id(original)])
 
     def detach(self, capture: Capture) -> None:
         if capture in self.captures:
@@ -143,6 +171,7 @@ class _FunctionPatch:
             for (_, attr), (ns, original) in self.originals.items():
                 setattr(ns, attr, original)
             self.originals.clear()
+            self.wrappers.clear()
             self.busy = False
 
     def _wrap(self, fn_name: str, original: Callable) -> Callable:
@@ -159,7 +188,7 @@ class _FunctionPatch:
                 patch.busy = False
             for capture in patch.captures:
                 if capture.depth and fn_name in capture.functions:
-                    capture.on_function(fn_name, out, kwargs, sys._getframe(1))
+                    capture.on_function(fn_name, out, args, kwargs, sys._getframe(1))
             return out
 
         activation.__deadwatch_original__ = original  # type: ignore[attr-defined]
@@ -188,6 +217,7 @@ class Capture:
         self.sites: dict[Any, Site | None] = {}   # None: seen, but include/exclude says no
         self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
         self.handles: list[Any] = []
+        self.swapped: list[tuple[nn.Module, str, Callable]] = []  # (module, attribute, original function)
         self.multi_call: set[str] = set()  # module paths called more than once per forward
         self._include = [re.compile(p) for p in config.include]
         self._exclude = [re.compile(p) for p in config.exclude]
@@ -204,11 +234,27 @@ class Capture:
             self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
             if self.functions:
                 _PATCH.attach(self)
+                self._swap_stored_functions()
         except BaseException:
             self.detach()
             raise
 
+    def _swap_stored_functions(self) -> None:
+        """Modules that keep an activation function as an attribute (nn.TransformerEncoderLayer keeps
+        F.gelu in self.activation) took it before the patch: point them at the wrapper until detach."""
+        for module in self.model.modules():
+            if is_activation(module):
+                continue
+            for attr, value in list(vars(module).items()):
+                wrapper = _PATCH.wrappers.get(id(value)) if callable(value) else None
+                if wrapper is not None and getattr(wrapper, "__deadwatch_original__", None) is value:
+                    self.swapped.append((module, attr, value))
+                    setattr(module, attr, wrapper)
+
     def detach(self) -> None:
+        for module, attr, original in self.swapped:
+            setattr(module, attr, original)
+        self.swapped.clear()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -242,11 +288,12 @@ class Capture:
         if site is False:
             names = (f"{path}#{call}", path) if call == 0 else (f"{path}#{call}",)
             kind = type(module).__name__
-            site = self._new_site(site_key, names, kind, fire_threshold(kind, getattr(module, "beta", 1.0)), out)
+            parent = self.model.get_submodule(path.rpartition(".")[0]) if path else None
+            site = self._new_site(site_key, names, kind, fire_threshold(kind, getattr(module, "beta", 1.0)), out, parent)
         if site is not None:
             stats.record(site, out)
 
-    def on_function(self, fn_name: str, out: Any, kwargs: dict, frame: Any) -> None:
+    def on_function(self, fn_name: str, out: Any, args: tuple, kwargs: dict, frame: Any) -> None:
         if _in_backward() or not isinstance(out, torch.Tensor):
             return
         owner = self._owner(frame)
@@ -264,8 +311,8 @@ class Capture:
         site = self.sites.get(site_key, False)
         if site is False:
             name = f"{path}.{fn_name}#{call}" if path else f"{fn_name}#{call}"
-            threshold = fire_threshold(fn_name, kwargs.get("beta", 1.0))
-            site = self._new_site(site_key, (name,), fn_name, threshold, out)
+            beta = kwargs.get("beta", args[1] if fn_name == "softplus" and len(args) > 1 else 1.0)
+            site = self._new_site(site_key, (name,), fn_name, fire_threshold(fn_name, beta), out, module)
         if site is not None:
             stats.record(site, out)
 
@@ -286,11 +333,12 @@ class Capture:
             return False
         return not any(p.search(n) for p in self._exclude for n in names)
 
-    def _new_site(self, key: Any, names: tuple[str, ...], kind: str, threshold: float, out: torch.Tensor) -> Site | None:
+    def _new_site(self, key: Any, names: tuple[str, ...], kind: str, threshold: float, out: torch.Tensor,
+                  context: nn.Module | None) -> Site | None:
         site = None
         if self._wanted(names) and out.is_floating_point() and out.ndim >= 2:
             site = Site(names[-1], kind, threshold, self.step())
-            self.registry.add(site, out, unit_axis(out, names, self.config))
+            self.registry.add(site, out, unit_axis(out, names, self.config, context))
         self.sites[key] = site
         return site
 

@@ -38,7 +38,10 @@ class RunLogReporter:
 
         self.path = os.path.join(logdir, FILENAME)
         resumed = os.path.exists(self.path) and os.path.getsize(self.path) > 0
+        torn = resumed and not _ends_with_newline(self.path)
         self.file: IO[str] | None = open(self.path, "a", encoding="utf-8")
+        if torn:  # a killed run left half a line: end it, so the new header starts a line of its own
+            self.file.write("\n")
         self._write({"type": "header", "started": _now(), "deadwatch": __version__, "torch": torch.__version__,
                      "config": config.to_dict(), "resumed": resumed})
 
@@ -57,6 +60,12 @@ class RunLogReporter:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 class RunLog:
@@ -108,9 +117,11 @@ def read(run_dir: str, progress: Callable[[Iterator[str], int], Iterator[str]] |
                 try:
                     record = json.loads(line)
                     kind = record["type"]
+                    if kind not in ("header", "report"):
+                        raise ValueError(f"unknown record type {kind!r}")
                     if kind == "report":
                         Report.from_dict(record)  # checks the fields a reader needs
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, AttributeError):
                     skipped += 1
                     warnings.warn(f"{path}:{number}: skipped a torn or corrupt record", RuntimeWarning, stacklevel=2)
                     continue

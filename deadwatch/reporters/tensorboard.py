@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tensorboard.plugins.text.summary_v2 import text_pb
 
 from ..analysis import NONFINITE, Report
 from ..config import Config
@@ -86,7 +87,8 @@ class TensorBoardReporter:
         if self.reports % self.config.image_every == 0:
             w.add_image("deadwatch/heatmap", heatmap(self.history, [layer.name for layer in report.layers]), step)
         self.reports += 1
-        w.add_text("deadwatch/summary", markdown(report), step)
+        # add_text would append "/text_summary" to the tag: write the text plugin's summary as is
+        w._get_file_writer().add_summary(text_pb("deadwatch/summary", markdown(report)), step)
         w.flush()
 
     def close(self) -> None:
