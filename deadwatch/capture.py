@@ -48,6 +48,22 @@ def fire_threshold(kind: str, beta: float = 1.0) -> float:
     return 0.0
 
 
+def module_threshold(module: nn.Module) -> float:
+    """The module's output at pre-activation 0: from the table for torch.nn's own classes, by
+    running it once on a zero for other libraries' (LaplaceActivation(0) is not 0)."""
+    kind = type(module).__name__
+    if type(module).__module__.startswith("torch."):
+        return fire_threshold(kind, getattr(module, "beta", 1.0))
+    try:
+        param = next(module.parameters(), None)
+        zero = torch.zeros(1, 1, device=param.device if param is not None else "cpu")
+        with torch.no_grad():
+            value = float(module.forward(zero).flatten()[0])  # forward, not __call__: no hooks run
+        return value if math.isfinite(value) else 0.0
+    except Exception:
+        return fire_threshold(kind)
+
+
 def _producer_axis(out: torch.Tensor) -> int | None:
     """Unit axis from the op that produced the activation's input: conv/batch-norm -> 1, linear/layer-norm -> -1."""
     seen, frontier = set(), [out.grad_fn]
@@ -58,6 +74,8 @@ def _producer_axis(out: torch.Tensor) -> int | None:
                 continue
             seen.add(fn)
             name = type(fn).__name__
+            if "Permute" in name or "Transpose" in name:  # the producer's axes were moved: it cannot tell
+                return None
             if "Convolution" in name or "BatchNorm" in name or "GroupNorm" in name or "InstanceNorm" in name:
                 return 1
             if any(k in name for k in ("Addmm", "MmBackward", "Bmm", "Linear", "LayerNorm", "RmsNorm", "Embedding")):
@@ -70,28 +88,40 @@ def _producer_axis(out: torch.Tensor) -> int | None:
 _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def _neighbour_axis(out: torch.Tensor, context: nn.Module | None) -> int | None:
-    """Unit axis from the layers around the activation: a conv / batch norm with out.shape[1] channels
-    means dim 1, a linear / layer norm with out.shape[-1] features means the last dim."""
-    if context is None:
-        return None
-    for modules in (list(context.children()), list(context.modules())):
-        first = last = False
-        for m in modules:
-            if isinstance(m, _CHANNELS_FIRST):
-                first |= out.shape[1] == getattr(m, "out_channels", getattr(m, "num_features", None))
-            elif isinstance(m, nn.GroupNorm):
-                first |= out.shape[1] == m.num_channels
-            elif isinstance(m, nn.Linear):
-                last |= out.shape[-1] == m.out_features
-            elif isinstance(m, nn.LayerNorm):
-                last |= out.shape[-1] == m.normalized_shape[-1]
-        if first != last:
-            return 1 if first else -1
+def _layer_axis(out: torch.Tensor, m: nn.Module) -> int | None:
+    """1 if m is a conv / batch norm with out.shape[1] channels, -1 if a linear / layer norm with
+    out.shape[-1] features, else None."""
+    if isinstance(m, _CHANNELS_FIRST) and out.shape[1] == getattr(m, "out_channels", getattr(m, "num_features", None)):
+        return 1
+    if isinstance(m, nn.GroupNorm) and out.shape[1] == m.num_channels:
+        return 1
+    if isinstance(m, nn.Linear) and out.shape[-1] == m.out_features:
+        return -1
+    if isinstance(m, nn.LayerNorm) and out.shape[-1] == m.normalized_shape[-1]:
+        return -1
     return None
 
 
-def unit_axis(out: torch.Tensor, names: tuple[str, ...], config: Config, context: nn.Module | None = None) -> int:
+def _neighbour_axis(out: torch.Tensor, context: nn.Module | None, module: nn.Module | None) -> int | None:
+    """Unit axis from the layers around the activation: the nearest layer registered before it in
+    its parent, else the layers of the parent (all agreeing)."""
+    if context is None:
+        return None
+    children = list(context.children())
+    if module is not None and any(c is module for c in children):
+        for m in reversed(children[:next(i for i, c in enumerate(children) if c is module)]):
+            axis = _layer_axis(out, m)
+            if axis is not None:
+                return axis
+    for modules in (children, list(context.modules())):
+        votes = {_layer_axis(out, m) for m in modules} - {None}
+        if len(votes) == 1:
+            return votes.pop()
+    return None
+
+
+def unit_axis(out: torch.Tensor, names: tuple[str, ...], config: Config, context: nn.Module | None = None,
+              module: nn.Module | None = None) -> int:
     """The feature axis of an activation output, as a non-negative dim."""
     for pattern, dim in config.unit_axis:
         if any(re.search(pattern, name) for name in names):
@@ -104,7 +134,7 @@ def unit_axis(out: torch.Tensor, names: tuple[str, ...], config: Config, context
         return 1
     axis = _producer_axis(out)
     if axis is None:  # no autograd graph (a no_grad forward): ask the neighbouring layers
-        axis = _neighbour_axis(out, context)
+        axis = _neighbour_axis(out, context, module)
     if axis is None:  # (N, T, C) sequences are the common 3-d case
         axis = -1 if out.ndim == 3 else 1
     return axis % out.ndim
@@ -216,8 +246,9 @@ class Capture:
         self.calls: dict[Any, int] = {}    # calls per module / (module, function) in this forward
         self.sites: dict[Any, Site | None] = {}   # None: seen, but include/exclude says no
         self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
+        self.thresholds: dict[int, float] = {}        # id(activation module) -> its output at 0
         self.handles: list[Any] = []
-        self.swapped: list[tuple[nn.Module, str, Callable]] = []  # (module, attribute, original function)
+        self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
         self.multi_call: set[str] = set()  # module paths called more than once per forward
         self._include = [re.compile(p) for p in config.include]
         self._exclude = [re.compile(p) for p in config.exclude]
@@ -229,6 +260,7 @@ class Capture:
                 act = is_activation(module)
                 self.paths[id(module)] = (path, act)
                 if act:
+                    self.thresholds[id(module)] = module_threshold(module)
                     self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
             self.handles.append(self.model.register_forward_pre_hook(self._enter))
             self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
@@ -240,20 +272,34 @@ class Capture:
             raise
 
     def _swap_stored_functions(self) -> None:
-        """Modules that keep an activation function as an attribute (nn.TransformerEncoderLayer keeps
-        F.gelu in self.activation) took it before the patch: point them at the wrapper until detach."""
+        """Activation functions taken before the patch still point at the originals: attributes of
+        modules (nn.TransformerEncoderLayer keeps F.gelu in self.activation, also as a functools.partial)
+        and names imported into the model code's modules (`from torch.nn.functional import relu`).
+        Point them at the wrappers until detach."""
+        def wrapped(value: Any) -> Any:
+            if isinstance(value, functools.partial):
+                inner = wrapped(value.func)
+                return None if inner is None else functools.partial(inner, *value.args, **value.keywords)
+            wrapper = _PATCH.wrappers.get(id(value)) if callable(value) else None
+            return wrapper if getattr(wrapper, "__deadwatch_original__", None) is value else None
+
+        namespaces = {}
         for module in self.model.modules():
-            if is_activation(module):
-                continue
-            for attr, value in list(vars(module).items()):
-                wrapper = _PATCH.wrappers.get(id(value)) if callable(value) else None
-                if wrapper is not None and getattr(wrapper, "__deadwatch_original__", None) is value:
-                    self.swapped.append((module, attr, value))
-                    setattr(module, attr, wrapper)
+            for cls in type(module).__mro__:
+                if not cls.__module__.startswith(("torch.", "builtins")) and cls.__module__ in sys.modules:
+                    namespaces[cls.__module__] = vars(sys.modules[cls.__module__])
+            if not is_activation(module):
+                namespaces[id(module)] = vars(module)
+        for namespace in namespaces.values():
+            for name, value in list(namespace.items()):
+                replacement = wrapped(value)
+                if replacement is not None:
+                    self.swapped.append((namespace, name, value))
+                    namespace[name] = replacement
 
     def detach(self) -> None:
-        for module, attr, original in self.swapped:
-            setattr(module, attr, original)
+        for namespace, name, original in reversed(self.swapped):
+            namespace[name] = original
         self.swapped.clear()
         for handle in self.handles:
             handle.remove()
@@ -289,7 +335,7 @@ class Capture:
             names = (f"{path}#{call}", path) if call == 0 else (f"{path}#{call}",)
             kind = type(module).__name__
             parent = self.model.get_submodule(path.rpartition(".")[0]) if path else None
-            site = self._new_site(site_key, names, kind, fire_threshold(kind, getattr(module, "beta", 1.0)), out, parent)
+            site = self._new_site(site_key, names, kind, self.thresholds[key], out, parent, module)
         if site is not None:
             stats.record(site, out)
 
@@ -334,11 +380,11 @@ class Capture:
         return not any(p.search(n) for p in self._exclude for n in names)
 
     def _new_site(self, key: Any, names: tuple[str, ...], kind: str, threshold: float, out: torch.Tensor,
-                  context: nn.Module | None) -> Site | None:
+                  context: nn.Module | None, module: nn.Module | None = None) -> Site | None:
         site = None
         if self._wanted(names) and out.is_floating_point() and out.ndim >= 2:
             site = Site(names[-1], kind, threshold, self.step())
-            self.registry.add(site, out, unit_axis(out, names, self.config, context))
+            self.registry.add(site, out, unit_axis(out, names, self.config, context, module))
         self.sites[key] = site
         return site
 

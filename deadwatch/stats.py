@@ -5,12 +5,15 @@ training step and taking a report cost a handful of ops however many sites
 there are. The hook path (record) never reads a value on the host; snapshot()
 is the one place counters leave the device: one buffer, one collective, one copy.
 
-Per unit:  step_max (float32)  the largest output this step (LOWEST when it did not run)
+Buffers are grouped by device and by the dtype the site's output had when first seen, so a
+float64 site keeps its full range and a bf16 site compares in bf16, as its counts do.
+
+Per unit:  step_max (site dtype) the largest output this step (the dtype's lowest value when it did not run)
            step_fired (int32)  values > threshold this step
            fired (int64)       values > threshold this interval
            last_fired (int32)  last step in which the unit fired, -1 for never
            last_nonfinite (int32)  last step with a NaN/inf output, -1 for never
-           threshold (float32) the activation's value at pre-activation 0
+           threshold (site dtype) the activation's value at pre-activation 0
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from .capture import Site
 
-LOWEST = torch.finfo(torch.float32).min
 
 
 def record(site: Site, out: torch.Tensor) -> None:
@@ -40,18 +42,20 @@ def record(site: Site, out: torch.Tensor) -> None:
 
 
 class Counters:
-    """Flat per-unit buffers for every site on one device."""
+    """Flat per-unit buffers for every site on one device whose outputs have one dtype."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = device
+        self.dtype = dtype
+        self.lowest = torch.finfo(dtype).min
         self.sites: list[Site] = []
         empty = {"device": device}
-        self.step_max = torch.empty(0, dtype=torch.float32, **empty)
+        self.step_max = torch.empty(0, dtype=dtype, **empty)
         self.step_fired = torch.empty(0, dtype=torch.int32, **empty)
         self.fired = torch.empty(0, dtype=torch.int64, **empty)
         self.last_fired = torch.empty(0, dtype=torch.int32, **empty)
         self.last_nonfinite = torch.empty(0, dtype=torch.int32, **empty)
-        self.threshold = torch.empty(0, dtype=torch.float32, **empty)
+        self.threshold = torch.empty(0, dtype=dtype, **empty)
 
     @property
     def units(self) -> int:
@@ -61,12 +65,12 @@ class Counters:
         site.offset = self.units
         site.counters = self
         grow = {"size": (units,), "device": self.device}
-        self.step_max = torch.cat([self.step_max, torch.full(fill_value=LOWEST, dtype=torch.float32, **grow)])
+        self.step_max = torch.cat([self.step_max, torch.full(fill_value=self.lowest, dtype=self.dtype, **grow)])
         self.step_fired = torch.cat([self.step_fired, torch.zeros(dtype=torch.int32, **grow)])
         self.fired = torch.cat([self.fired, torch.zeros(dtype=torch.int64, **grow)])
         self.last_fired = torch.cat([self.last_fired, torch.full(fill_value=-1, dtype=torch.int32, **grow)])
         self.last_nonfinite = torch.cat([self.last_nonfinite, torch.full(fill_value=-1, dtype=torch.int32, **grow)])
-        self.threshold = torch.cat([self.threshold, torch.full(fill_value=site.threshold, dtype=torch.float32, **grow)])
+        self.threshold = torch.cat([self.threshold, torch.full(fill_value=site.threshold, dtype=self.dtype, **grow)])
         self.sites.append(site)
         for s in self.sites:  # the buffers are new: point every site at them again
             s.step_max = self.step_max[s.offset:s.offset + s.units]
@@ -80,14 +84,14 @@ class Counters:
         self.last_nonfinite.masked_fill_(bad, step)
         self.fired += self.step_fired.masked_fill_(bad, 0)
         self.step_fired.zero_()
-        self.step_max.fill_(LOWEST)
+        self.step_max.fill_(self.lowest)
 
 
 class Registry:
-    """All sites' counters, one Counters per device."""
+    """All sites' counters, one Counters per (device, dtype)."""
 
     def __init__(self) -> None:
-        self.by_device: dict[torch.device, Counters] = {}
+        self.by_device: dict[tuple[torch.device, torch.dtype], Counters] = {}
         self.sites: list[Site] = []
         self.reset_pending = False
 
@@ -96,9 +100,10 @@ class Registry:
         site.axis = axis
         site.units = out.shape[axis]
         site.dims = tuple(d for d in range(out.ndim) if d != axis)
-        counters = self.by_device.get(out.device)
+        key = (out.device, out.dtype)
+        counters = self.by_device.get(key)
         if counters is None:
-            counters = self.by_device[out.device] = Counters(out.device)
+            counters = self.by_device[key] = Counters(out.device, out.dtype)
         counters.add(site, site.units)
         self.sites.append(site)
 

@@ -39,10 +39,11 @@ from torch import nn
 
 @dataclass
 class Fwd:
-    """One forward pass: model(*args), in train mode (counted) or eval mode (under no_grad)."""
+    """One forward pass: model(*args, **kwargs), in train mode (counted) or eval mode (under no_grad)."""
 
     args: tuple
     train: bool = True
+    kwargs: dict = field(default_factory=dict)
 
 
 def as_fwds(step: Any) -> list[Fwd]:
@@ -87,7 +88,6 @@ class RefSite:
     counts: np.ndarray       # (S, U) int: values that fired in step s (0 for a nonfinite unit-step)
     nonfinite: np.ndarray    # (S, U) bool: the unit-step's max was NaN/inf
     obs: np.ndarray          # (S,) int: values per unit seen in step s
-    pending_obs: int = 0     # values per unit seen after the last completed step
     first_seen: int = 0      # global order of the site's first counted call
 
     def _window(self, window: int, steps: int | None) -> tuple[int, int]:
@@ -189,7 +189,7 @@ def reference(model: nn.Module, steps: Sequence[Any], probes: dict[str, Probe],
                     model.train(fwd.train)
                     state["counting"] = fwd.train or count_eval
                     with torch.no_grad():
-                        model(*fwd.args)
+                        model(*fwd.args, **fwd.kwargs)
                 per_step.append({name: current[name][:] for name in probes})
                 for name in probes:
                     current[name].clear()
@@ -258,12 +258,12 @@ def run_watch(model: nn.Module, steps: Sequence[Any], *, loss: Callable = defaul
             for fwd in as_fwds(step):
                 model.train(fwd.train)
                 if fwd.train:
-                    value = loss(model(*fwd.args))
+                    value = loss(model(*fwd.args, **fwd.kwargs))
                     if value is not None:
                         value.backward()
                 else:
                     with torch.no_grad():
-                        model(*fwd.args)
+                        model(*fwd.args, **fwd.kwargs)
             model.train()
             monitor.step()
             if every_step:
