@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 from typing import Iterator, Sequence
@@ -155,10 +156,19 @@ def cmd_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
         out.print()
         out.print(summary_view(log, log.last))
     dying, healthy = os.path.join(logdir, "dying"), os.path.join(logdir, "healthy")
-    out.print(f"\nOpen the dashboards:  tensorboard --logdir {logdir}\n"
-              f"Summaries again:      deadwatch summary {dying}\n"
-              f"Did the fix help?     deadwatch compare {dying} {healthy}", markup=False, highlight=False)
+    tensorboard, deadwatch = _command("tensorboard"), _command("deadwatch")
+    out.print(f"\nOpen the dashboards:  {tensorboard} --logdir {logdir}\n"
+              f"Summaries again:      {deadwatch} summary {dying}\n"
+              f"Did the fix help?     {deadwatch} compare {dying} {healthy}", markup=False, highlight=False)
     return 0
+
+
+def _command(name: str) -> str:
+    """How to call a script of this environment: its bare name when it is on PATH, else its path."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    if shutil.which(name) == beside or not os.path.exists(beside):
+        return name
+    return os.path.relpath(beside) if not os.path.relpath(beside).startswith("..") else beside
 
 
 def parser() -> Parser:
