@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
+from .stats import Figures
 
 OK, WARN, CRITICAL, NONFINITE = "ok", "warn", "critical", "nonfinite"
 STATUSES = (OK, WARN, CRITICAL, NONFINITE)
@@ -103,21 +104,21 @@ def status(dead_fraction: float, nonfinite: bool, config: Config) -> str:
     return OK
 
 
-def layer_report(name: str, kind: str, judged: bool, figures: dict[str, Any], config: Config) -> LayerReport:
-    """One site's verdict. `judged` is False until a step that saw the site has been completed."""
-    alive, fired, obs = figures["alive"], figures["fired"], figures["observations"]
-    units = alive.size
-    dead = np.flatnonzero(~alive).tolist() if judged else []
+def layer_report(figures: Figures, config: Config) -> LayerReport:
+    """One site's verdict from its merged figures."""
+    units = figures.alive.size
+    dead = np.flatnonzero(~figures.alive).tolist() if figures.judged else []
     dead_fraction = len(dead) / units if units else 0.0
-    rate = fired / obs if obs else None
+    obs = figures.observations
+    rate = figures.fired / obs if obs else None
     return LayerReport(
-        name=name,
-        kind=kind,
+        name=figures.name,
+        kind=figures.kind,
         units=units,
         dead_units=dead,
         dead_fraction=dead_fraction,
         zero_fraction=float(1.0 - rate.mean()) if rate is not None and units else None,
         observations=obs,
-        status=status(dead_fraction, judged and bool(figures["nonfinite"].any()), config),
+        status=status(dead_fraction, figures.judged and figures.nonfinite, config),
         firing_rate=rate,
     )

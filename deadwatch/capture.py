@@ -14,6 +14,7 @@ import math
 import re
 import sys
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from . import stats
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, DeadwatchError
 
 # torch.nn activation modules that are not unit-wise activations.
 _NOT_UNITWISE = {"MultiheadAttention", "Softmax", "Softmin", "Softmax2d", "LogSoftmax", "GLU",
@@ -208,6 +209,7 @@ class _FunctionPatch:
         patch = self
 
         @functools.wraps(original)
+        @torch.compiler.disable
         def activation(*args: Any, **kwargs: Any) -> Any:
             if patch.busy or not any(c.depth for c in patch.captures):
                 return original(*args, **kwargs)
@@ -226,6 +228,7 @@ class _FunctionPatch:
 
 
 _PATCH = _FunctionPatch()
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # activation modules some monitor has hooked
 
 
 def active_function_patches() -> int:
@@ -237,7 +240,8 @@ class Capture:
     """Hooks on one model: finds sites, decides which calls count, hands outputs to stats."""
 
     def __init__(self, model: nn.Module, config: Config, counters: stats.Registry, step: Callable[[], int]):
-        self.model = model
+        # watch(torch.compile(model)): hook the original module, so site names carry no "_orig_mod."
+        self.model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
         self.config = config
         self.functions = frozenset(config.functions)
         self.registry = counters
@@ -250,18 +254,25 @@ class Capture:
         self.handles: list[Any] = []
         self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
         self.multi_call: set[str] = set()  # module paths called more than once per forward
+        self.pending: dict[str, dict] = {}  # saved counters (load_state_dict) of sites not run yet
         self._include = [re.compile(p) for p in config.include]
         self._exclude = [re.compile(p) for p in config.exclude]
 
     # -- attach / detach
     def attach(self) -> None:
+        taken = [path for path, m in self.model.named_modules() if m in _WATCHED]
+        if taken or self.model in _WATCHED:
+            raise DeadwatchError(f"this model is already watched by another deadwatch monitor "
+                                 f"(e.g. {(taken or ['the root'])[0]!r}); close that one first, or watch it with one monitor")
         try:
             for path, module in self.model.named_modules():
                 act = is_activation(module)
                 self.paths[id(module)] = (path, act)
                 if act:
+                    _WATCHED.add(module)
                     self.thresholds[id(module)] = module_threshold(module)
                     self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
+            _WATCHED.add(self.model)
             self.handles.append(self.model.register_forward_pre_hook(self._enter))
             self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
             if self.functions:
@@ -298,6 +309,8 @@ class Capture:
                     namespace[name] = replacement
 
     def detach(self) -> None:
+        for module in [self.model] + [m for m in self.model.modules() if id(m) in self.paths]:
+            _WATCHED.discard(module)
         for namespace, name, original in reversed(self.swapped):
             namespace[name] = original
         self.swapped.clear()
@@ -311,14 +324,17 @@ class Capture:
         self.calls.clear()
 
     # -- hooks
+    @torch.compiler.disable
     def _enter(self, module: nn.Module, args: Any) -> None:
         if self.depth == 0 and not _in_backward():
             self.calls.clear()
         self.depth += 1
 
+    @torch.compiler.disable
     def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
         self.depth = max(self.depth - 1, 0)
 
+    @torch.compiler.disable  # under torch.compile: a graph break, the hook runs eagerly on real tensors
     def _on_module(self, path: str, module: nn.Module, args: Any, out: Any) -> None:
         if _in_backward():  # recomputation of a checkpointed segment: already counted in forward
             return
@@ -385,8 +401,27 @@ class Capture:
         if self._wanted(names) and out.is_floating_point() and out.ndim >= 2:
             site = Site(names[-1], kind, threshold, self.step())
             self.registry.add(site, out, unit_axis(out, names, self.config, context, module))
+            self._restore(site, names)
         self.sites[key] = site
         return site
+
+    def _restore(self, site: Site, names: tuple[str, ...]) -> None:
+        for name in names:
+            saved = self.pending.pop(name, None)
+            if saved is None:
+                continue
+            if saved["units"] != site.units:
+                warnings.warn(f"deadwatch: site {name!r} had {saved['units']} units in the checkpoint and has "
+                              f"{site.units} now; its counters start over", RuntimeWarning, stacklevel=4)
+            else:
+                self.registry.restore(site, saved)
+            return
+
+    def load(self, sites: dict[str, dict]) -> None:
+        """Saved counters by site name: applied now to sites that exist, to the others when they first run."""
+        self.pending = dict(sites)
+        for name, site in self.site_names():
+            self._restore(site, (name,))
 
     def site_names(self) -> list[tuple[str, Site]]:
         """Watched sites in the order they first ran, with their final names."""

@@ -57,10 +57,25 @@ class Monitor:
 
     def report(self) -> analysis.Report:
         """The verdict now; resets nothing. Collective under torch.distributed."""
-        figures = self._registry.snapshot(self.steps, self.config.window)
-        layers = [analysis.layer_report(name, site.kind, self.steps > site.first_step, figures[id(site)], self.config)
-                  for name, site in self._capture.site_names()]
+        figures = self._registry.snapshot(self._capture.site_names(), self.steps, self.config.window)
+        layers = [analysis.layer_report(f, self.config) for f in figures]
         return analysis.Report(step=self.steps, window=self.config.window, layers=layers)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, last-fired steps and the step counter, for a checkpoint (take it after step())."""
+        return {"version": 1, "steps": self.steps, "reported_step": self._reported_step,
+                "interval_reset_pending": self._registry.reset_pending,
+                "sites": self._registry.state(self._capture.site_names())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a state_dict(): a window spanning the restart gives the verdict of an unbroken run.
+        Sites are matched by name when they first run (or now, if they already have)."""
+        if not isinstance(state, Mapping) or state.get("version") != 1:
+            raise ConfigError("load_state_dict() needs a mapping made by Monitor.state_dict() (version 1)")
+        self.steps = state["steps"]
+        self._reported_step = state["reported_step"]
+        self._registry.reset_pending = state["interval_reset_pending"]
+        self._capture.load(state["sites"])
 
     def close(self) -> None:
         """Report the steps not yet reported, remove every hook, close the reporters. Idempotent."""
@@ -139,9 +154,11 @@ class Monitor:
         try:
             for name in names:
                 reporters.append(_reporter(name, self))
-        except BaseException:
+        except BaseException as e:
             for reporter in reporters:
                 reporter.close()
+            if isinstance(e, OSError):
+                raise ConfigError(f"logdir {self.logdir!r} cannot be written: {e.strerror or e}") from None
             raise
         return reporters
 

@@ -18,11 +18,14 @@ Per unit:  step_max (site dtype) the largest output this step (the dtype's lowes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import DeadwatchError
 
 if TYPE_CHECKING:
     from .capture import Site
@@ -121,33 +124,98 @@ class Registry:
         """Start a new interval with the next step; until then reports still show the last one."""
         self.reset_pending = True
 
-    def snapshot(self, steps: int, window: int) -> dict[int, dict[str, np.ndarray | int]]:
+    def snapshot(self, layout: list[tuple[str, Site]], steps: int, window: int) -> list[Figures]:
         """Host copy of every site's figures over the window / interval, merged across ranks.
 
-        Returns {id(site): {"alive", "nonfinite", "fired": per-unit arrays, "observations": int}}.
-        Everything is packed into one int64 buffer: one all_reduce (SUM) and one device->host copy.
+        Under torch.distributed the ranks first agree on the sites (a 2-number MAX all_reduce of a
+        fingerprint; on a mismatch, the union of every rank's sites), then every site's counters go
+        in one int64 buffer: one all_reduce (SUM) and one device->host copy.
         """
+        distributed = dist.is_available() and dist.is_initialized()
+        mine = {name: site for name, site in layout}
+        shapes = [(name, site.kind, site.units) for name, site in layout]
+        if distributed:
+            shapes = agree(shapes)
         start = max(steps - window, 0)
-        parts = []
-        for counters in self.by_device.values():
-            parts += [(counters.last_fired >= start).long(), (counters.last_nonfinite >= start).long(), counters.fired]
+        flags = {id(c): ((c.last_fired >= start).long(), (c.last_nonfinite >= start).long())
+                 for c in self.by_device.values()}
         device = _collective_device()
-        obs = torch.tensor([s.observations for c in self.by_device.values() for s in c.sites], dtype=torch.int64)
-        flat = torch.cat([p.to(device) for p in parts] + [obs.to(device)]) if parts else obs.to(device)
-        if dist.is_available() and dist.is_initialized():
+        parts, tail = [], []
+        for name, _, units in shapes:
+            site = mine.get(name)
+            if site is None:  # seen on another rank only
+                parts.append(torch.zeros(3 * units, dtype=torch.int64, device=device))
+                tail += [0, 0]
+                continue
+            c, sl = site.counters, slice(site.offset, site.offset + site.units)
+            alive, nonfinite = flags[id(c)]
+            parts += [t[sl].to(device) for t in (alive, nonfinite, c.fired)]
+            tail += [site.observations, int(steps > site.first_step)]
+        flat = torch.cat(parts + [torch.tensor(tail, dtype=torch.int64).to(device)])
+        if distributed:
             dist.all_reduce(flat)
         host = flat.cpu().numpy()
-        result, pos, obs_pos = {}, 0, host.size - obs.numel()
-        for counters in self.by_device.values():
-            n = counters.units
-            alive, nonfinite, fired = host[pos:pos + n], host[pos + n:pos + 2 * n], host[pos + 2 * n:pos + 3 * n]
-            pos += 3 * n
-            for site in counters.sites:
-                sl = slice(site.offset, site.offset + site.units)
-                result[id(site)] = {"alive": alive[sl] > 0, "nonfinite": nonfinite[sl] > 0,
-                                    "fired": fired[sl], "observations": int(host[obs_pos])}
-                obs_pos += 1
-        return result
+        figures, pos, t = [], 0, host.size - len(tail)
+        for name, kind, units in shapes:
+            alive, nonfinite, fired = (host[pos + i * units:pos + (i + 1) * units] for i in range(3))
+            pos += 3 * units
+            figures.append(Figures(name, kind, alive > 0, bool(nonfinite.any()), fired, int(host[t]), host[t + 1] > 0))
+            t += 2
+        return figures
+
+    # -- checkpoints
+    def state(self, layout: list[tuple[str, Site]]) -> dict[str, dict]:
+        out = {}
+        for name, site in layout:
+            c, sl = site.counters, slice(site.offset, site.offset + site.units)
+            out[name] = {"kind": site.kind, "units": site.units, "first_step": site.first_step,
+                         "observations": site.observations,
+                         "last_fired": c.last_fired[sl].cpu().clone(), "last_nonfinite": c.last_nonfinite[sl].cpu().clone(),
+                         "fired": c.fired[sl].cpu().clone()}
+        return out
+
+    def restore(self, site: Site, saved: dict) -> None:
+        """Put a site's saved counters back (called when the site first runs after load_state_dict)."""
+        c, sl = site.counters, slice(site.offset, site.offset + site.units)
+        for key in ("last_fired", "last_nonfinite", "fired"):
+            getattr(c, key)[sl].copy_(saved[key])
+        site.first_step = saved["first_step"]
+        site.observations = saved["observations"]
+
+
+class Figures(NamedTuple):
+    """One site's merged figures, on the host."""
+
+    name: str
+    kind: str
+    alive: np.ndarray       # per unit: fired within the window
+    nonfinite: bool         # NaN/inf within the window
+    fired: np.ndarray       # per unit: values fired in the interval
+    observations: int       # values per unit in the interval
+    judged: bool            # a step that ran the site has been completed
+
+
+def fingerprint(shapes: list[tuple[str, str, int]]) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(shapes).encode(), digest_size=7).digest(), "little")
+
+
+def agree(shapes: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """The sites every rank reports on: this rank's when all ranks match, else the union."""
+    fp = fingerprint(shapes)
+    check = torch.tensor([fp, -fp], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(check, op=dist.ReduceOp.MAX)
+    if int(check[0]) == -int(check[1]):  # max == min: every rank has the same sites
+        return shapes
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, shapes)
+    union: dict[str, tuple[str, int]] = {}
+    for rank, theirs in enumerate(gathered):
+        for name, kind, units in theirs:
+            if name in union and union[name][1] != units:
+                raise DeadwatchError(f"site {name!r} has {union[name][1]} units on one rank and {units} on rank {rank}: "
+                                     f"the ranks do not run the same model")
+            union.setdefault(name, (kind, units))
+    return [(name, kind, units) for name, (kind, units) in union.items()]
 
 
 def _collective_device() -> torch.device:

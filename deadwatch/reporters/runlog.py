@@ -16,7 +16,7 @@ import datetime as dt
 import json
 import os
 import warnings
-from typing import IO, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..analysis import Report
 from ..config import Config
@@ -38,17 +38,18 @@ class RunLogReporter:
 
         self.path = os.path.join(logdir, FILENAME)
         resumed = os.path.exists(self.path) and os.path.getsize(self.path) > 0
-        torn = resumed and not _ends_with_newline(self.path)
-        self.file: IO[str] | None = open(self.path, "a", encoding="utf-8")
-        if torn:  # a killed run left half a line: end it, so the new header starts a line of its own
-            self.file.write("\n")
+        if resumed and not _ends_with_newline(self.path):
+            self._append("\n")  # a killed run left half a line: end it, so the new header starts a line of its own
         self._write({"type": "header", "started": _now(), "deadwatch": __version__, "torch": torch.__version__,
                      "config": config.to_dict(), "resumed": resumed})
 
+    def _append(self, text: str) -> None:
+        # Opened for each record: a vanished or read-only logdir shows up as an error here, not as lost data.
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+
     def _write(self, record: dict[str, Any]) -> None:
-        assert self.file is not None
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        self._append(json.dumps(record, allow_nan=False) + "\n")
 
     def emit(self, report: Report) -> None:
         rates = {layer.name: [round(float(r), 6) for r in layer.firing_rate]
@@ -57,9 +58,7 @@ class RunLogReporter:
         self._write({"type": "report", "time": _now(), **report.to_dict(), "firing_rate": rates})
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        pass
 
 
 def _ends_with_newline(path: str) -> bool:
