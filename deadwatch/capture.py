@@ -37,6 +37,9 @@ def is_activation(module: nn.Module) -> bool:
     return cls.__module__.startswith(_ACTIVATION_MODULE_PATHS) and cls.__name__ not in _NOT_UNITWISE
 
 
+NONNEGATIVE = {"relu", "relu6", "relusquaredactivation"}  # kinds whose output is never negative
+
+
 def fire_threshold(kind: str, beta: float = 1.0) -> float:
     """The activation's value at pre-activation 0: an output above it means pre-activation > 0."""
     kind = kind.lower()
@@ -148,6 +151,7 @@ class Site:
         self.name = name            # provisional for call 0 of a module: see Capture.site_names()
         self.kind = kind
         self.threshold = threshold
+        self.nonnegative = threshold == 0 and kind.lower() in NONNEGATIVE  # output can never be < 0
         self.first_step = first_step
         self.units = 0
         self.ndim = 0

@@ -9,8 +9,8 @@ Buffers are grouped by device and by the dtype the site's output had when first 
 float64 site keeps its full range and a bf16 site compares in bf16, as its counts do.
 
 Per unit:  step_max (site dtype) the largest output this step (the dtype's lowest value when it did not run)
-           step_fired (int32)  values > threshold this step
-           fired (int64)       values > threshold this interval
+           step_fired (float64)  values > threshold this step (whole numbers: exact below 2**53)
+           fired (float64)     values > threshold this interval
            last_fired (int32)  last step in which the unit fired, -1 for never
            last_nonfinite (int32)  last step with a NaN/inf output, -1 for never
            threshold (site dtype) the activation's value at pre-activation 0
@@ -32,16 +32,30 @@ if TYPE_CHECKING:
 
 
 
+EXACT_FLOAT32 = 1 << 24  # a float32 sum of 0/1 values is exact below this many values
+
+
 def record(site: Site, out: torch.Tensor) -> None:
-    """Fold one activation output into its site's counters for the current step."""
+    """Fold one activation output into its site's counters for the current step.
+
+    Three passes over the output: its per-unit max (exact "fired at all", NaN/inf), the sign of
+    (output - threshold) and that sign's sum (the fired count; sign, not a bool `>`: summing
+    float 0/1 is several times faster than summing bools).
+    """
     x = out.detach()
     if x.ndim != site.ndim or x.shape[site.axis] != site.units:
         from .capture import warn_once
         warn_once(site, f"output shape {tuple(x.shape)} does not have its {site.units} units on dim {site.axis}; call skipped")
         return
     torch.maximum(site.step_max, torch.amax(x, site.dims), out=site.step_max)
-    site.step_fired.add_(torch.sum(x > site.threshold, site.dims, dtype=torch.int32))
-    site.step_observations += x.numel() // site.units
+    n = x.numel() // site.units
+    if site.nonnegative:  # ReLU-like: output >= 0, so sign(output) is 1 exactly where it fired
+        fired = torch.sign(x)
+    else:
+        fired = torch.sign(x - site.threshold if site.threshold else x).clamp_(min=0)
+    wide = n >= EXACT_FLOAT32 or x.dtype == torch.float64
+    site.step_fired.add_(torch.sum(fired, site.dims, dtype=torch.float64 if wide else torch.float32))
+    site.step_observations += n
 
 
 class Counters:
@@ -54,8 +68,8 @@ class Counters:
         self.sites: list[Site] = []
         empty = {"device": device}
         self.step_max = torch.empty(0, dtype=dtype, **empty)
-        self.step_fired = torch.empty(0, dtype=torch.int32, **empty)
-        self.fired = torch.empty(0, dtype=torch.int64, **empty)
+        self.step_fired = torch.empty(0, dtype=torch.float64, **empty)
+        self.fired = torch.empty(0, dtype=torch.float64, **empty)
         self.last_fired = torch.empty(0, dtype=torch.int32, **empty)
         self.last_nonfinite = torch.empty(0, dtype=torch.int32, **empty)
         self.threshold = torch.empty(0, dtype=dtype, **empty)
@@ -69,8 +83,8 @@ class Counters:
         site.counters = self
         grow = {"size": (units,), "device": self.device}
         self.step_max = torch.cat([self.step_max, torch.full(fill_value=self.lowest, dtype=self.dtype, **grow)])
-        self.step_fired = torch.cat([self.step_fired, torch.zeros(dtype=torch.int32, **grow)])
-        self.fired = torch.cat([self.fired, torch.zeros(dtype=torch.int64, **grow)])
+        self.step_fired = torch.cat([self.step_fired, torch.zeros(dtype=torch.float64, **grow)])
+        self.fired = torch.cat([self.fired, torch.zeros(dtype=torch.float64, **grow)])
         self.last_fired = torch.cat([self.last_fired, torch.full(fill_value=-1, dtype=torch.int32, **grow)])
         self.last_nonfinite = torch.cat([self.last_nonfinite, torch.full(fill_value=-1, dtype=torch.int32, **grow)])
         self.threshold = torch.cat([self.threshold, torch.full(fill_value=site.threshold, dtype=self.dtype, **grow)])
@@ -149,7 +163,7 @@ class Registry:
                 continue
             c, sl = site.counters, slice(site.offset, site.offset + site.units)
             alive, nonfinite = flags[id(c)]
-            parts += [t[sl].to(device) for t in (alive, nonfinite, c.fired)]
+            parts += [t[sl].to(device, torch.int64) for t in (alive, nonfinite, c.fired)]
             tail += [site.observations, int(steps > site.first_step)]
         flat = torch.cat(parts + [torch.tensor(tail, dtype=torch.int64).to(device)])
         if distributed:
