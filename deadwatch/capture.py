@@ -152,6 +152,7 @@ class Site:
         self.kind = kind
         self.threshold = threshold
         self.nonnegative = threshold == 0 and kind.lower() in NONNEGATIVE  # output can never be < 0
+        self.subsample = 1          # counts on the first 1/subsample of the batch
         self.first_step = first_step
         self.units = 0
         self.ndim = 0
@@ -251,6 +252,7 @@ class Capture:
         self.registry = counters
         self.step = step
         self.depth = 0                     # > 0 while the model's forward runs
+        self.active = True                 # False on the steps watch_every skips
         self.calls: dict[Any, int] = {}    # calls per module / (module, function) in this forward
         self.sites: dict[Any, Site | None] = {}   # None: seen, but include/exclude says no
         self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
@@ -324,8 +326,9 @@ class Capture:
         _PATCH.detach(self)
         self.depth = 0
 
-    def new_step(self) -> None:
+    def new_step(self, step: int) -> None:
         self.calls.clear()
+        self.active = step % self.config.watch_every == 0
 
     # -- hooks
     @torch.compiler.disable
@@ -340,7 +343,7 @@ class Capture:
 
     @torch.compiler.disable  # under torch.compile: a graph break, the hook runs eagerly on real tensors
     def _on_module(self, path: str, module: nn.Module, args: Any, out: Any) -> None:
-        if _in_backward():  # recomputation of a checkpointed segment: already counted in forward
+        if not self.active or _in_backward():  # recomputation of a checkpointed segment: already counted in forward
             return
         key = id(module)
         call = self.calls.get(key, 0)
@@ -360,7 +363,7 @@ class Capture:
             stats.record(site, out)
 
     def on_function(self, fn_name: str, out: Any, args: tuple, kwargs: dict, frame: Any) -> None:
-        if _in_backward() or not isinstance(out, torch.Tensor):
+        if not self.active or _in_backward() or not isinstance(out, torch.Tensor):
             return
         owner = self._owner(frame)
         if owner is None:
@@ -385,7 +388,8 @@ class Capture:
     def _owner(self, frame: Any) -> tuple[nn.Module, str, bool] | None:
         """The module of this model whose forward (directly or through helpers) called the function."""
         while frame is not None:
-            obj = frame.f_locals.get("self")
+            code = frame.f_code  # only methods can have a module as `self`: skip the rest without f_locals
+            obj = frame.f_locals.get("self") if code.co_argcount and code.co_varnames[0] == "self" else None
             if isinstance(obj, nn.Module):
                 found = self.paths.get(id(obj))
                 if found is not None:
@@ -404,6 +408,7 @@ class Capture:
         site = None
         if self._wanted(names) and out.is_floating_point() and out.ndim >= 2:
             site = Site(names[-1], kind, threshold, self.step())
+            site.subsample = self.config.count_subsample
             self.registry.add(site, out, unit_axis(out, names, self.config, context, module))
             self._restore(site, names)
         self.sites[key] = site

@@ -36,6 +36,8 @@ class Config:
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     count_eval: bool
+    count_subsample: int
+    watch_every: int
     functions: tuple[str, ...]
     unit_axis: tuple[tuple[str, int], ...]
     reporters_given: bool = field(default=False, compare=False)
@@ -51,6 +53,8 @@ class Config:
             "include": list(self.include),
             "exclude": list(self.exclude),
             "count_eval": self.count_eval,
+            "count_subsample": self.count_subsample,
+            "watch_every": self.watch_every,
             "functions": list(self.functions),
             "unit_axis": dict(self.unit_axis),
         }
@@ -176,6 +180,8 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         include=_names("include", m["include"]),
         exclude=_names("exclude", m["exclude"]),
         count_eval=m["count_eval"],
+        count_subsample=_int("count_subsample", m["count_subsample"]),
+        watch_every=_int("watch_every", m["watch_every"]),
         functions=tuple(dict.fromkeys(_names("functions", m["functions"], FUNCTIONS))),
         unit_axis=tuple(axes.items()),
         reporters_given=reporters_given,

@@ -51,7 +51,7 @@ class Monitor:
             raise RuntimeError("deadwatch: step() called on a closed monitor")
         self._registry.fold(self.steps)
         self.steps += 1
-        self._capture.new_step()
+        self._capture.new_step(self.steps)
         if self.steps % self.config.report_every == 0:
             self._periodic_report()
 
@@ -76,6 +76,7 @@ class Monitor:
         self._reported_step = state["reported_step"]
         self._registry.reset_pending = state["interval_reset_pending"]
         self._capture.load(state["sites"])
+        self._capture.new_step(self.steps)
 
     def close(self) -> None:
         """Report the steps not yet reported, remove every hook, close the reporters. Idempotent."""

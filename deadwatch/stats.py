@@ -38,9 +38,11 @@ EXACT_FLOAT32 = 1 << 24  # a float32 sum of 0/1 values is exact below this many 
 def record(site: Site, out: torch.Tensor) -> None:
     """Fold one activation output into its site's counters for the current step.
 
-    Three passes over the output: its per-unit max (exact "fired at all", NaN/inf), the sign of
-    (output - threshold) and that sign's sum (the fired count; sign, not a bool `>`: summing
-    float 0/1 is several times faster than summing bools).
+    One pass over the whole output, its per-unit max: exact "fired at all" and NaN/inf. The
+    fired count (for zero_fraction) comes from the first 1/count_subsample of the batch: the
+    sign of (output - threshold), summed (sign, not a bool `>`: summing float 0/1 is several
+    times faster than summing bools). Each extra pass over a large activation costs memory
+    bandwidth, which is what the training step is made of.
     """
     x = out.detach()
     if x.ndim != site.ndim or x.shape[site.axis] != site.units:
@@ -48,6 +50,9 @@ def record(site: Site, out: torch.Tensor) -> None:
         warn_once(site, f"output shape {tuple(x.shape)} does not have its {site.units} units on dim {site.axis}; call skipped")
         return
     torch.maximum(site.step_max, torch.amax(x, site.dims), out=site.step_max)
+    if site.subsample > 1:
+        batch = site.dims[0]
+        x = x.narrow(batch, 0, -(-x.shape[batch] // site.subsample))
     n = x.numel() // site.units
     if site.nonnegative:  # ReLU-like: output >= 0, so sign(output) is 1 exactly where it fired
         fired = torch.sign(x)
@@ -142,32 +147,78 @@ class Registry:
         """Host copy of every site's figures over the window / interval, merged across ranks.
 
         Under torch.distributed the ranks first agree on the sites (a 2-number MAX all_reduce of a
-        fingerprint; on a mismatch, the union of every rank's sites), then every site's counters go
-        in one int64 buffer: one all_reduce (SUM) and one device->host copy.
+        fingerprint; on a mismatch, the union of every rank's sites), then all counters go in one
+        float64 buffer: one all_reduce (SUM) and one device->host copy. A single CPU process
+        reads its buffers in place, with no copy at all.
         """
         distributed = dist.is_available() and dist.is_initialized()
-        mine = {name: site for name, site in layout}
         shapes = [(name, site.kind, site.units) for name, site in layout]
         if distributed:
             shapes = agree(shapes)
         start = max(steps - window, 0)
-        flags = {id(c): ((c.last_fired >= start).long(), (c.last_nonfinite >= start).long())
-                 for c in self.by_device.values()}
+        mine = {name: site for name, site in layout}
+        if all(name in mine for name, _, _ in shapes):
+            host = self._merged(start, steps, distributed)
+            return [self._figures(name, mine[name], host) for name, _, _ in shapes]
+        return self._union(shapes, mine, start, steps)
+
+    def _merged(self, start: int, steps: int, distributed: bool) -> dict[int, tuple]:
+        """{id(site): (alive, nonfinite, fired, observations, judged)} for this rank's sites, merged."""
+        groups = list(self.by_device.values())
+        if not distributed and all(c.device.type == "cpu" for c in groups):
+            out = {}
+            for c in groups:
+                alive, nonfinite = c.last_fired.numpy() >= start, c.last_nonfinite.numpy() >= start
+                for site in c.sites:
+                    sl = slice(site.offset, site.offset + site.units)
+                    out[id(site)] = (alive[sl], bool(nonfinite[sl].any()), c.fired.numpy()[sl],
+                                     site.observations, steps > site.first_step)
+            return out
+        # One buffer: per group, alive + (world + 1) * nonfinite per unit (so a SUM over ranks can be
+        # told apart again), then the fired counts; then observations and judged per site.
+        base = (dist.get_world_size() if distributed else 1) + 1
+        device = _collective_device() if distributed else groups[0].device
+        parts, tail = [], []
+        for c in groups:
+            code = (c.last_fired >= start).double() + base * (c.last_nonfinite >= start).double()
+            parts += [code.to(device), c.fired.to(device)]
+            for site in c.sites:
+                tail += [site.observations, int(steps > site.first_step)]
+        flat = torch.cat(parts + [torch.tensor(tail, dtype=torch.float64).to(device)])
+        if distributed:
+            dist.all_reduce(flat)
+        host = flat.cpu().numpy()
+        out, pos, t = {}, 0, host.size - len(tail)
+        for c in groups:
+            code, fired = host[pos:pos + c.units], host[pos + c.units:pos + 2 * c.units]
+            pos += 2 * c.units
+            alive, nonfinite = code % base > 0, code >= base
+            for site in c.sites:
+                sl = slice(site.offset, site.offset + site.units)
+                out[id(site)] = (alive[sl], bool(nonfinite[sl].any()), fired[sl], int(host[t]), host[t + 1] > 0)
+                t += 2
+        return out
+
+    @staticmethod
+    def _figures(name: str, site: Site, host: dict[int, tuple]) -> Figures:
+        return Figures(name, site.kind, *host[id(site)])
+
+    def _union(self, shapes: list[tuple[str, str, int]], mine: dict[str, Site], start: int, steps: int) -> list[Figures]:
+        """Ranks saw different sites: pack site by site in the agreed order, zeros for sites not run here."""
         device = _collective_device()
         parts, tail = [], []
         for name, _, units in shapes:
             site = mine.get(name)
-            if site is None:  # seen on another rank only
-                parts.append(torch.zeros(3 * units, dtype=torch.int64, device=device))
+            if site is None:
+                parts.append(torch.zeros(3 * units, dtype=torch.float64, device=device))
                 tail += [0, 0]
                 continue
             c, sl = site.counters, slice(site.offset, site.offset + site.units)
-            alive, nonfinite = flags[id(c)]
-            parts += [t[sl].to(device, torch.int64) for t in (alive, nonfinite, c.fired)]
+            parts += [(c.last_fired[sl] >= start).to(device, torch.float64),
+                      (c.last_nonfinite[sl] >= start).to(device, torch.float64), c.fired[sl].to(device)]
             tail += [site.observations, int(steps > site.first_step)]
-        flat = torch.cat(parts + [torch.tensor(tail, dtype=torch.int64).to(device)])
-        if distributed:
-            dist.all_reduce(flat)
+        flat = torch.cat(parts + [torch.tensor(tail, dtype=torch.float64).to(device)])
+        dist.all_reduce(flat)
         host = flat.cpu().numpy()
         figures, pos, t = [], 0, host.size - len(tail)
         for name, kind, units in shapes:
@@ -204,7 +255,7 @@ class Figures(NamedTuple):
     kind: str
     alive: np.ndarray       # per unit: fired within the window
     nonfinite: bool         # NaN/inf within the window
-    fired: np.ndarray       # per unit: values fired in the interval
+    fired: np.ndarray       # per unit: values fired in the interval (whole numbers, float64)
     observations: int       # values per unit in the interval
     judged: bool            # a step that ran the site has been completed
 

@@ -1,0 +1,83 @@
+"""Cost of a report and size of the monitor's state.
+
+    python benchmarks/report_cost.py [--sites 200] [--units 16384] [--repeat 20]
+
+Builds a model with SITES ReLU sites of UNITS units each, runs a few watched steps, then
+times monitor.report() (median of REPEAT) and counts the host transfers it makes. Prints
+the monitor's state in bytes per unit for two batch sizes (it must not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import deadwatch
+
+
+class ManySites(nn.Module):
+    def __init__(self, sites: int) -> None:
+        super().__init__()
+        self.acts = nn.ModuleList(nn.ReLU() for _ in range(sites))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(act(x) for act in self.acts)
+
+
+def state_bytes(monitor: deadwatch.Monitor) -> int:
+    total = 0
+    for counters in monitor._registry.by_device.values():
+        for name in ("step_max", "step_fired", "fired", "last_fired", "last_nonfinite", "threshold"):
+            t = getattr(counters, name)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run(sites: int, units: int, batch: int, repeat: int) -> tuple[float, int, float]:
+    model = ManySites(sites)
+    with deadwatch.watch(model, reporters=[], report_every=10**9) as monitor:
+        for _ in range(3):
+            model(torch.randn(batch, units))
+            monitor.step()
+        monitor.report()  # warm-up
+        transfers = 0
+        original_cpu = torch.Tensor.cpu
+
+        def counting_cpu(self, *a, **k):
+            nonlocal transfers
+            transfers += 1
+            return original_cpu(self, *a, **k)
+
+        torch.Tensor.cpu = counting_cpu
+        try:
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                monitor.report()
+                times.append(time.perf_counter() - t0)
+        finally:
+            torch.Tensor.cpu = original_cpu
+        return statistics.median(times), transfers // repeat, state_bytes(monitor) / (sites * units)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", type=int, default=200)
+    ap.add_argument("--units", type=int, default=16384)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.sites} sites x {args.units} units")
+    for batch in (2, 32):
+        seconds, transfers, per_unit = run(args.sites, args.units, batch, args.repeat)
+        print(f"batch {batch:>3}: report() {1e3 * seconds:7.1f} ms (median of {args.repeat}), "
+              f"{transfers} host transfer(s) per report, state {per_unit:.1f} bytes per unit")
+
+
+if __name__ == "__main__":
+    main()
