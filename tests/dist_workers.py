@@ -141,6 +141,33 @@ class Branchy(nn.Module):
         return F.relu(h)
 
 
+class OneExtra(nn.Module):
+    """act -> on rank 1 only: extra (ReLU6 module) -> fc2 -> F.relu (`relu#0`): rank 1's sites are a
+    superset of every other rank's."""
+
+    def __init__(self, rank: int, taps: Taps):
+        super().__init__()
+        self.rank = rank
+        self.fc1 = nn.Linear(3, 4)
+        self.act = nn.ReLU()
+        self.extra = nn.ReLU6()
+        self.fc2 = nn.Linear(4, 3)
+        _plant_fc1(self.fc1)
+        self._taps = [taps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tap = self._taps[0]
+        a = self.act(self.fc1(x))
+        tap("act", a)
+        if self.rank == 1:
+            e = self.extra(a - 0.5)
+            tap("extra", e)
+            a = a + e
+        h = self.fc2(a)
+        tap("relu#0", h)
+        return F.relu(h)
+
+
 class Reused(nn.Module):
     """The same activation module called once per forward on rank 0 and twice on rank 1."""
 
@@ -240,7 +267,8 @@ def _train_planted(rank: int, world: int, outdir: str, wrapper: str) -> dict[str
         logdir = os.path.join(outdir, "logdir_fsdp2")
         reporters = ["jsonl", "tensorboard"]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with deadwatch.watch(model, logdir=logdir, reporters=reporters, report_every=1000, window=WINDOW) as monitor:
+    with deadwatch.watch(model, logdir=logdir, reporters=reporters, report_every=1000, window=WINDOW,
+                         count_subsample=1) as monitor:
         for step in range(STEPS):
             opt.zero_grad()
             model(rank_data(rank, world, step)).square().mean().backward()
@@ -268,12 +296,29 @@ def scenario_branch(rank: int, world: int, outdir: str) -> dict[str, Any]:
     torch.manual_seed(0)
     model = Branchy(rank, taps)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW) as monitor:
+    with deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW,
+                         count_subsample=1) as monitor:
         for step in range(STEPS):
             model.step = step
             opt.zero_grad()
             model(rank_data(rank, world, step, seed=1)).sum().backward()
             opt.step()
+            monitor.step()
+            taps.end_step()
+        with counting_collectives() as calls:
+            report = monitor.report()
+    return {"report": report.to_dict(), "collectives": calls, "taps": taps.dump()}
+
+
+def scenario_superset(rank: int, world: int, outdir: str) -> dict[str, Any]:
+    import deadwatch
+
+    taps = Taps()
+    torch.manual_seed(0)
+    model = OneExtra(rank, taps)
+    with deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW, count_subsample=1) as monitor:
+        for step in range(STEPS):
+            model(rank_data(rank, world, step, seed=3)).sum().backward()
             monitor.step()
             taps.end_step()
         with counting_collectives() as calls:
@@ -287,7 +332,8 @@ def scenario_reused(rank: int, world: int, outdir: str) -> dict[str, Any]:
     taps = Taps()
     torch.manual_seed(0)
     model = Reused(rank, taps)
-    with deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW) as monitor:
+    with deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW,
+                         count_subsample=1) as monitor:
         for step in range(STEPS):
             model(rank_data(rank, world, step, seed=2)).sum().backward()
             monitor.step()
@@ -306,7 +352,7 @@ def scenario_conflict(rank: int, world: int, outdir: str) -> dict[str, Any]:
     torch.manual_seed(0)
     model = Conflict(rank)
     error = close_error = None
-    monitor = deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW)
+    monitor = deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW, count_subsample=1)
     try:
         for step in range(2):
             model(rank_data(rank, world, step)).sum().backward()
@@ -327,7 +373,7 @@ def _hooks_left(model: nn.Module) -> int:
 
 
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "branch": scenario_branch,
-             "reused": scenario_reused, "conflict": scenario_conflict}
+             "reused": scenario_reused, "conflict": scenario_conflict, "superset": scenario_superset}
 
 
 def worker(rank: int, world: int, store: str, outdir: str, scenarios: list[str]) -> None:

@@ -87,7 +87,7 @@ def train(model: nn.Module, monitor: deadwatch.Monitor, forward=None) -> deadwat
 
 def eager_report(cls: type) -> deadwatch.Report:
     model = planted(cls)
-    return train(model, deadwatch.watch(model, reporters=[], window=WINDOW, report_every=10**6))
+    return train(model, deadwatch.watch(model, reporters=[], window=WINDOW, report_every=10**6, count_subsample=1))
 
 
 def assert_same_verdict(report: deadwatch.Report, expected: deadwatch.Report) -> None:
@@ -132,7 +132,7 @@ def test_eager_setup(cls):
 def test_watch_then_compile_equals_eager(cls):
     expected = eager_report(cls)
     model = planted(cls)
-    monitor = deadwatch.watch(model, reporters=[], window=WINDOW, report_every=10**6)
+    monitor = deadwatch.watch(model, reporters=[], window=WINDOW, report_every=10**6, count_subsample=1)
     compiled = torch.compile(model)
     before = graphs_compiled()
     report = train(model, monitor, forward=compiled)
@@ -145,7 +145,7 @@ def test_watch_then_compile_equals_eager(cls):
 def test_watch_compiled_model_equals_eager_and_has_plain_names(cls):
     expected = eager_report(cls)
     compiled = torch.compile(planted(cls))
-    monitor = deadwatch.watch(compiled, reporters=[], window=WINDOW, report_every=10**6)
+    monitor = deadwatch.watch(compiled, reporters=[], window=WINDOW, report_every=10**6, count_subsample=1)
     before = graphs_compiled()
     report = train(compiled, monitor)
     assert graphs_compiled() > before
@@ -166,7 +166,7 @@ def test_watch_compiled_model_after_it_already_ran(cls):
     compiled(batch(99)).sum().backward()   # compiled, run, no monitor yet
     model.load_state_dict(warm)
     model.zero_grad(set_to_none=True)
-    monitor = deadwatch.watch(compiled, reporters=[], window=WINDOW, report_every=10**6)
+    monitor = deadwatch.watch(compiled, reporters=[], window=WINDOW, report_every=10**6, count_subsample=1)
     report = train(compiled, monitor)
     assert [layer.name for layer in report.layers] == SITES[cls]
     assert_same_verdict(report, expected)
@@ -189,7 +189,7 @@ def autocast_report(cls: type, dtype: torch.dtype | None) -> tuple[deadwatch.Rep
     model = planted(cls)
     seen = set()
     probe = model.fc1.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
-    monitor = deadwatch.watch(model, reporters=[], window=WINDOW, report_every=10**6)
+    monitor = deadwatch.watch(model, reporters=[], window=WINDOW, report_every=10**6, count_subsample=1)
 
     def forward(x):
         if dtype is None:

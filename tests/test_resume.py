@@ -90,20 +90,23 @@ def train_step(model, opt, monitor, step: int, units: int = UNITS, load=None) ->
     monitor.step()
 
 
-def straight(report_every: int, logdir=None, reporters=()) -> deadwatch.Report:
+def straight(report_every: int, logdir=None, reporters=(), history=None, **cfg) -> deadwatch.Report:
+    """60 steps in one go; `history` (a list) receives report().to_dict() after every step."""
     model, opt = build()
     with deadwatch.watch(model, logdir=logdir, reporters=list(reporters), window=WINDOW,
-                         report_every=report_every) as monitor:
+                         report_every=report_every, **cfg) as monitor:
         for step in range(TOTAL):
             train_step(model, opt, monitor, step)
+            if history is not None:
+                history.append(monitor.report().to_dict())
         report = monitor.report()
     return report
 
 
-def first_half(path: Path, report_every: int, logdir=None, reporters=()) -> deadwatch.Report:
+def first_half(path: Path, report_every: int, logdir=None, reporters=(), **cfg) -> deadwatch.Report:
     model, opt = build()
     monitor = deadwatch.watch(model, logdir=logdir, reporters=list(reporters), window=WINDOW,
-                              report_every=report_every)
+                              report_every=report_every, **cfg)
     for step in range(RESTART):
         train_step(model, opt, monitor, step)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "monitor": monitor.state_dict()}, path)
@@ -113,13 +116,13 @@ def first_half(path: Path, report_every: int, logdir=None, reporters=()) -> dead
 
 
 def second_half(path: Path, report_every: int, load_when: str = "before_forward", logdir=None,
-                reporters=()) -> deadwatch.Report:
+                reporters=(), history=None, **cfg) -> deadwatch.Report:
     model, opt = build(seed=1234)   # fresh objects, other weights until the checkpoint is loaded
     checkpoint = torch.load(path)
     model.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["opt"])
     monitor = deadwatch.watch(model, logdir=logdir, reporters=list(reporters), window=WINDOW,
-                              report_every=report_every)
+                              report_every=report_every, **cfg)
     load = lambda: monitor.load_state_dict(checkpoint["monitor"])  # noqa: E731
     with monitor:
         for step in range(RESTART, TOTAL):
@@ -127,6 +130,8 @@ def second_half(path: Path, report_every: int, load_when: str = "before_forward"
                 load()
             train_step(model, opt, monitor, step,
                        load=load if (step == RESTART and load_when == "after_forward") else None)
+            if history is not None:
+                history.append(monitor.report().to_dict())
         report = monitor.report()
     return report
 
@@ -135,21 +140,31 @@ def second_half(path: Path, report_every: int, load_when: str = "before_forward"
 
 def test_straight_run_setup():
     """The schedule does what the module docstring says (so the resume tests can fail)."""
-    report = straight(report_every=20)
+    report = straight(report_every=20, count_subsample=1)
     act = report.layer("act")
     assert act.dead_units == expected_dead(TOTAL) == [1, 2, 7]
     assert [layer.name for layer in report.layers] == ["act", "relu#0"]
     assert act.observations == 20 * BATCH  # the interval since the report at step 40
 
 
-@pytest.mark.parametrize("report_every", [20, 15], ids=["restart-mid-interval", "restart-at-report"])
+@pytest.mark.parametrize("subsample", [1, 2], ids=["exact", "subsampled"])
+@pytest.mark.parametrize("report_every", [60, 30, 20],
+                         ids=["interval-spans-restart", "restart-at-report", "restart-mid-interval"])
 @pytest.mark.parametrize("load_when", ["before_forward", "after_forward"])
-def test_resumed_run_equals_straight_run(tmp_path, report_every, load_when):
-    expected = straight(report_every)
-    half = first_half(tmp_path / "ckpt.pt", report_every)
+def test_resumed_run_equals_straight_run(tmp_path, report_every, load_when, subsample):
+    """The final report, and report() after every step of the resumed half, equal the straight run's.
+    report_every=60: the interval (zero_fraction, observations) runs from step 0 across the restart;
+    30: the restart falls on a periodic report (its interval reset is still pending in the checkpoint)."""
+    cfg = {"count_subsample": subsample}
+    expected_history, resumed_history = [], []
+    expected = straight(report_every, history=expected_history, **cfg)
+    half = first_half(tmp_path / "ckpt.pt", report_every, **cfg)
     assert half.layer("act").dead_units == expected_dead(RESTART) == [1, 4, 6]
-    resumed = second_half(tmp_path / "ckpt.pt", report_every, load_when)
+    resumed = second_half(tmp_path / "ckpt.pt", report_every, load_when, history=resumed_history, **cfg)
     assert resumed.to_dict() == expected.to_dict()
+    for step, (got, want) in enumerate(zip(resumed_history, expected_history[RESTART:]), RESTART + 1):
+        assert got == want, f"report() after step {step} differs from the straight run's"
+    assert len(resumed_history) == TOTAL - RESTART
     for got, want in zip(resumed.layers, expected.layers):
         assert list(got.firing_rate) == pytest.approx(list(want.firing_rate), abs=1e-12), got.name
 
@@ -164,11 +179,11 @@ def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
 
 @pytest.mark.parametrize("load_when", ["before_forward", "after_forward"])
 def test_changed_unit_count_warns_and_starts_over(tmp_path, load_when):
-    first_half(tmp_path / "ckpt.pt", 20)
+    first_half(tmp_path / "ckpt.pt", 20, count_subsample=1)
     checkpoint = torch.load(tmp_path / "ckpt.pt")
     units = UNITS + 1
     model, opt = build(units)   # `act` now has 9 units; `relu#0` still 4
-    monitor = deadwatch.watch(model, reporters=[], window=WINDOW, report_every=20)
+    monitor = deadwatch.watch(model, reporters=[], window=WINDOW, report_every=20, count_subsample=1)
     new_steps = 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
