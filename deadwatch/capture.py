@@ -233,7 +233,7 @@ class _FunctionPatch:
 
 
 _PATCH = _FunctionPatch()
-_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # activation modules some monitor has hooked
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every watched model
 
 
 def active_function_patches() -> int:
@@ -266,19 +266,18 @@ class Capture:
 
     # -- attach / detach
     def attach(self) -> None:
-        taken = [path for path, m in self.model.named_modules() if m in _WATCHED]
-        if taken or self.model in _WATCHED:
+        taken = [path or "the model itself" for path, m in self.model.named_modules() if m in _WATCHED]
+        if taken:
             raise DeadwatchError(f"this model is already watched by another deadwatch monitor "
-                                 f"(e.g. {(taken or ['the root'])[0]!r}); close that one first, or watch it with one monitor")
+                                 f"(at least {taken[0]!r}); close that one first: one monitor per model")
         try:
             for path, module in self.model.named_modules():
                 act = is_activation(module)
                 self.paths[id(module)] = (path, act)
+                _WATCHED.add(module)
                 if act:
-                    _WATCHED.add(module)
                     self.thresholds[id(module)] = module_threshold(module)
                     self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
-            _WATCHED.add(self.model)
             self.handles.append(self.model.register_forward_pre_hook(self._enter))
             self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
             if self.functions:
@@ -315,8 +314,9 @@ class Capture:
                     namespace[name] = replacement
 
     def detach(self) -> None:
-        for module in [self.model] + [m for m in self.model.modules() if id(m) in self.paths]:
-            _WATCHED.discard(module)
+        for module in self.model.modules():
+            if id(module) in self.paths:
+                _WATCHED.discard(module)
         for namespace, name, original in reversed(self.swapped):
             namespace[name] = original
         self.swapped.clear()
@@ -432,17 +432,36 @@ class Capture:
         for name, site in self.site_names():
             self._restore(site, (name,))
 
-    def site_names(self) -> list[tuple[str, Site]]:
-        """Watched sites in the order they first ran, with their final names."""
-        named = []
+    def layout(self) -> list[tuple[str, Site]]:
+        """Watched sites in the order they first ran, under raw names that do not depend on how often
+        a module ran (`m|path|call`, `f|name`): ranks compare these before names are final."""
+        out = []
         for key, site in self.sites.items():
-            if site is None:
-                continue
-            if len(key) == 2:  # module site
-                path, call = key
-                site.name = f"{path}#{call}" if path in self.multi_call else (path or type(self.model).__name__)
-            named.append((site.name, site))
+            if site is not None:
+                out.append((f"m|{key[0]}|{key[1]}" if len(key) == 2 else f"f|{site.name}", site))
+        return out
+
+    def names(self, raws: list[str]) -> list[str]:
+        """Final site names: `path` for a module called once per forward (on every rank), else `path#k`."""
+        multi = set(self.multi_call)
+        multi.update(raw[2:].rsplit("|", 1)[0] for raw in raws if raw.startswith("m|") and raw.rsplit("|", 1)[1] != "0")
+        return [display(raw, multi, type(self.model).__name__) for raw in raws]
+
+    def site_names(self) -> list[tuple[str, Site]]:
+        """This process's sites with their final names."""
+        layout = self.layout()
+        named = list(zip(self.names([raw for raw, _ in layout]), (site for _, site in layout)))
+        for name, site in named:
+            site.name = name
         return named
+
+
+def display(raw: str, multi: set[str], root: str) -> str:
+    """The name a raw site name shows under: see Capture.layout()."""
+    if raw.startswith("f|"):
+        return raw[2:]
+    path, call = raw[2:].rsplit("|", 1)  # a ModuleDict key may hold "|": the call number is after the last
+    return f"{path}#{call}" if path in multi else (path or root)
 
 
 def _in_backward() -> bool:

@@ -6,6 +6,7 @@ import os
 import warnings
 from typing import Any, Mapping
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -57,8 +58,9 @@ class Monitor:
 
     def report(self) -> analysis.Report:
         """The verdict now; resets nothing. Collective under torch.distributed."""
-        figures = self._registry.snapshot(self._capture.site_names(), self.steps, self.config.window)
-        layers = [analysis.layer_report(f, self.config) for f in figures]
+        figures = self._registry.snapshot(self._capture.layout(), self.steps, self.config.window)
+        names = self._capture.names([f.name for f in figures])  # final names, once the ranks agree on sites
+        layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
         return analysis.Report(step=self.steps, window=self.config.window, layers=layers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -69,9 +71,9 @@ class Monitor:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state_dict(): a window spanning the restart gives the verdict of an unbroken run.
-        Sites are matched by name when they first run (or now, if they already have)."""
-        if not isinstance(state, Mapping) or state.get("version") != 1:
-            raise ConfigError("load_state_dict() needs a mapping made by Monitor.state_dict() (version 1)")
+        Sites are matched by name when they first run (or now, if they already have). The state is
+        checked whole before anything changes."""
+        _check_state(state)
         self.steps = state["steps"]
         self._reported_step = state["reported_step"]
         self._registry.reset_pending = state["interval_reset_pending"]
@@ -162,6 +164,32 @@ class Monitor:
                 raise ConfigError(f"logdir {self.logdir!r} cannot be written: {e.strerror or e}") from None
             raise
         return reporters
+
+
+def _check_state(state: Any) -> None:
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"load_state_dict(): {what}; pass what Monitor.state_dict() returned")
+
+    if not isinstance(state, Mapping) or state.get("version") != 1:
+        raise bad("the state must be a mapping with version 1")
+    for key in ("steps", "reported_step"):
+        if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
+            raise bad(f"{key!r} must be a non-negative integer, got {state.get(key)!r}")
+    if not isinstance(state.get("interval_reset_pending"), bool):
+        raise bad("'interval_reset_pending' must be true or false")
+    sites = state.get("sites")
+    if not isinstance(sites, Mapping):
+        raise bad(f"'sites' must be a mapping of site name to counters, got {type(sites).__name__}")
+    for name, saved in sites.items():
+        if not isinstance(saved, Mapping):
+            raise bad(f"site {name!r} must be a mapping")
+        for key in ("units", "first_step", "observations"):
+            if isinstance(saved.get(key), bool) or not isinstance(saved.get(key), int) or saved[key] < 0:
+                raise bad(f"site {name!r}: {key!r} must be a non-negative integer, got {saved.get(key)!r}")
+        for key in ("last_fired", "last_nonfinite", "fired"):
+            t = saved.get(key)
+            if not isinstance(t, torch.Tensor) or t.shape != (saved["units"],):
+                raise bad(f"site {name!r}: {key!r} must be a tensor of {saved['units']} values")
 
 
 def _reporter(name: str, monitor: Monitor) -> Any:

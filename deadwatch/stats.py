@@ -152,12 +152,12 @@ class Registry:
         reads its buffers in place, with no copy at all.
         """
         distributed = dist.is_available() and dist.is_initialized()
-        shapes = [(name, site.kind, site.units) for name, site in layout]
+        shapes, same = [(name, site.kind, site.units) for name, site in layout], True
         if distributed:
-            shapes = agree(shapes)
+            shapes, same = agree(shapes)
         start = max(steps - window, 0)
         mine = {name: site for name, site in layout}
-        if all(name in mine for name, _, _ in shapes):
+        if same:
             host = self._merged(start, steps, distributed)
             return [self._figures(name, mine[name], host) for name, _, _ in shapes]
         return self._union(shapes, mine, start, steps)
@@ -264,23 +264,25 @@ def fingerprint(shapes: list[tuple[str, str, int]]) -> int:
     return int.from_bytes(hashlib.blake2b(repr(shapes).encode(), digest_size=7).digest(), "little")
 
 
-def agree(shapes: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
-    """The sites every rank reports on: this rank's when all ranks match, else the union."""
+def agree(shapes: list[tuple[str, str, int]]) -> tuple[list[tuple[str, str, int]], bool]:
+    """The sites every rank reports on, and whether every rank had exactly these: this rank's
+    when all ranks match, else the union of all ranks' sites."""
     fp = fingerprint(shapes)
     check = torch.tensor([fp, -fp], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(check, op=dist.ReduceOp.MAX)
     if int(check[0]) == -int(check[1]):  # max == min: every rank has the same sites
-        return shapes
+        return shapes, True
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, shapes)
     union: dict[str, tuple[str, int]] = {}
     for rank, theirs in enumerate(gathered):
         for name, kind, units in theirs:
             if name in union and union[name][1] != units:
-                raise DeadwatchError(f"site {name!r} has {union[name][1]} units on one rank and {units} on rank {rank}: "
+                shown = name[2:].replace("|", "#") if name.startswith("m|") else name[2:]
+                raise DeadwatchError(f"site {shown!r} has {union[name][1]} units on one rank and {units} on rank {rank}: "
                                      f"the ranks do not run the same model")
             union.setdefault(name, (kind, units))
-    return [(name, kind, units) for name, (kind, units) in union.items()]
+    return [(name, kind, units) for name, (kind, units) in union.items()], False
 
 
 def _collective_device() -> torch.device:
