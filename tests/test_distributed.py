@@ -76,18 +76,27 @@ def _worker(rank: int, world_size: int, store: str, outdir: str) -> None:
         except deadwatch.ConfigError as e:
             config_error = str(e)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay as planted, on both ranks
-        local_fired_unit2 = False
-        with deadwatch.watch(model, reporters=["console"], report_every=1000, window=1000) as monitor:
-            for step in range(STEPS):
-                x = rank_data(rank, step)
-                opt.zero_grad()
-                model(x).sum().backward()
-                opt.step()
-                monitor.step()
-                with torch.no_grad():
-                    local_fired_unit2 |= bool((model.fc1(x)[:, 2] > 0).any())
-            report = monitor.report()
-        result = {"report": report.to_dict(), "local_fired_unit2": local_fired_unit2, "config_error": config_error,
+
+        def train(**overrides):
+            local_fired_unit2 = False
+            with deadwatch.watch(model, report_every=1000, window=1000, **overrides) as monitor:
+                for step in range(STEPS):
+                    x = rank_data(rank, step)
+                    opt.zero_grad()
+                    model(x).sum().backward()
+                    opt.step()
+                    monitor.step()
+                    with torch.no_grad():
+                        local_fired_unit2 |= bool((model.fc1(x)[:, 2] > 0).any())
+                report = monitor.report()
+            return report, local_fired_unit2
+
+        # the verdict at the default configuration (the run that prints); then the same steps again
+        # counting every value (count_subsample=1), for the exact observations and zero fractions
+        report, local_fired_unit2 = train(reporters=["console"])
+        exact, _ = train(reporters=[], count_subsample=1)
+        result = {"report": report.to_dict(), "exact_report": exact.to_dict(),
+                  "local_fired_unit2": local_fired_unit2, "config_error": config_error,
                   "weights": [p.detach().flatten().tolist() for p in model.parameters()]}
         with open(os.path.join(outdir, f"report{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -120,6 +129,7 @@ def test_setup_plants_a_unit_alive_on_rank_1_only(ranks):
 
 def test_all_ranks_get_the_same_report(ranks):
     assert ranks[0]["report"] == ranks[1]["report"]
+    assert ranks[0]["exact_report"] == ranks[1]["exact_report"]
 
 
 def test_unit_alive_on_one_rank_is_alive(ranks):
@@ -138,7 +148,7 @@ def test_unit_alive_on_one_rank_is_alive(ranks):
 def test_observations_and_firing_are_summed_over_ranks(ranks):
     total = STEPS * (BATCH[0] + BATCH[1])
     for result in ranks:
-        layers = {layer["name"]: layer for layer in result["report"]["layers"]}
+        layers = {layer["name"]: layer for layer in result["exact_report"]["layers"]}
         for name in ("act", "relu#0"):
             assert layers[name]["observations"] == total, name
         # act: unit 0 fires on every value, unit 2 on rank 1's values only, units 1 and 3 never

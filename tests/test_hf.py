@@ -60,7 +60,7 @@ def bert(**kw):
 
 def test_bert_sites():
     m = bert()
-    report = train_and_report(m, lambda: {"input_ids": ids(2, 7)})
+    report = train_and_report(m, lambda: {"input_ids": ids(2, 7)}, count_subsample=1)
     expected = {f"encoder.layer.{i}.intermediate.intermediate_act_fn": ("GELUActivation", 37, 2 * 2 * 7)
                 for i in range(LAYERS)}
     expected["pooler.activation"] = ("Tanh", 16, 2 * 2)
@@ -83,7 +83,7 @@ def test_bert_dead_units_against_reference():
 
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, probes(twin))
-    report = run_watch(m, steps, window=WINDOW)
+    report = run_watch(m, steps, window=WINDOW, count_subsample=1)
     check_report(report, refs, WINDOW)
     assert {0, 36} <= set(report.layer(names[0]).dead_units)
     assert 17 in report.layer(names[1]).dead_units
@@ -100,7 +100,7 @@ def t5_config(proj):
 @pytest.mark.parametrize("proj,kind", [("relu", "ReLU"), ("gated-gelu", "NewGELUActivation")])
 def test_t5_encoder_sites(proj, kind):
     m = transformers.T5EncoderModel(t5_config(proj))
-    report = train_and_report(m, lambda: {"input_ids": ids(2, 6)})
+    report = train_and_report(m, lambda: {"input_ids": ids(2, 6)}, count_subsample=1)
     dense = "DenseReluDense"
     check_sites(report, {f"encoder.block.{i}.layer.1.{dense}.act": (kind, 29, 2 * 2 * 6) for i in range(LAYERS)})
 
@@ -109,7 +109,8 @@ def test_t5_encoder_decoder_sites_and_reference():
     m = transformers.T5Model(t5_config("relu"))
     enc = [f"encoder.block.{i}.layer.1.DenseReluDense.act" for i in range(LAYERS)]
     dec = [f"decoder.block.{i}.layer.2.DenseReluDense.act" for i in range(LAYERS)]
-    report = train_and_report(m, lambda: {"input_ids": ids(2, 6), "decoder_input_ids": ids(2, 4)}, steps=1)
+    report = train_and_report(m, lambda: {"input_ids": ids(2, 6), "decoder_input_ids": ids(2, 4)}, steps=1,
+                              count_subsample=1)
     expected = {name: ("ReLU", 29, 2 * 6) for name in enc}
     expected.update({name: ("ReLU", 29, 2 * 4) for name in dec})
     check_sites(report, expected)
@@ -121,7 +122,7 @@ def test_t5_encoder_decoder_sites_and_reference():
     steps = [Fwd((), kwargs={"input_ids": ids(2, 6), "decoder_input_ids": ids(2, 4)}) for _ in range(3)]
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {name: Probe(twin.get_submodule(name), axis=-1) for name in enc + dec})
-    report = run_watch(m, steps, window=WINDOW)
+    report = run_watch(m, steps, window=WINDOW, count_subsample=1)
     check_report(report, refs, WINDOW)
     assert 3 in report.layer(enc[0]).dead_units
 
@@ -137,7 +138,7 @@ def llama():
 
 def test_llama_sites():
     m = llama()
-    report = train_and_report(m, lambda: {"input_ids": ids(2, 5)})
+    report = train_and_report(m, lambda: {"input_ids": ids(2, 5)}, count_subsample=1)
     names = [f"layers.{i}.mlp.act_fn" for i in range(LAYERS)]
     check_sites(report, {name: (type(m.get_submodule(name)).__name__, 40, 2 * 2 * 5) for name in names})
     assert report.layers[0].kind in ("SiLU", "SiLUActivation")
@@ -151,7 +152,7 @@ def test_llama_dead_units_against_reference():
     names = [f"layers.{i}.mlp.act_fn" for i in range(LAYERS)]
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {name: Probe(twin.get_submodule(name), axis=-1) for name in names})
-    report = run_watch(m, steps, window=WINDOW)
+    report = run_watch(m, steps, window=WINDOW, count_subsample=1)
     check_report(report, refs, WINDOW)
     assert {1, 39} <= set(report.layer(names[0]).dead_units)
 
@@ -174,7 +175,7 @@ def test_llama_gradient_checkpointing(reentrant):
     handle = ckpt.layers[0].mlp.act_fn.register_forward_hook(lambda *a: calls.append(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = run_watch(ckpt, steps, window=WINDOW)
+        report = run_watch(ckpt, steps, window=WINDOW, count_subsample=1)
     handle.remove()
     assert len(calls) == 2 * len(steps)      # the layers really were recomputed in backward
     check_report(report, refs, WINDOW)
@@ -189,7 +190,7 @@ def test_gpt2_sites():
     m = transformers.GPT2Model(config)
     plant_dead(m.h[1].mlp.c_fc.bias, [5])
     names = [f"h.{i}.mlp.act" for i in range(LAYERS)]
-    report = train_and_report(m, lambda: {"input_ids": ids(2, 6)})
+    report = train_and_report(m, lambda: {"input_ids": ids(2, 6)}, count_subsample=1)
     check_sites(report, {name: ("NewGELUActivation", 24, 2 * 2 * 6) for name in names})
 
     m = transformers.GPT2Model(config)
@@ -197,7 +198,7 @@ def test_gpt2_sites():
     steps = [ids(2, 6) for _ in range(3)]
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {name: Probe(twin.get_submodule(name), axis=-1) for name in names})
-    report = run_watch(m, steps, window=WINDOW)
+    report = run_watch(m, steps, window=WINDOW, count_subsample=1)
     check_report(report, refs, WINDOW)
     assert 5 in report.layer(names[1]).dead_units
 
@@ -230,7 +231,7 @@ def test_wav2vec2_frozen_feature_encoder(norm):
 
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, probes(twin))
-    report = run_watch(m, steps, window=WINDOW)
+    report = run_watch(m, steps, window=WINDOW, count_subsample=1)
     check_report(report, refs, WINDOW)
     units = {layer.name: layer.units for layer in report.layers}
     assert units == {channels[0]: 8, channels[1]: 8, channels[2]: 16, ff[0]: 37, ff[1]: 37}

@@ -49,7 +49,7 @@ def mlp_probes(m):
 
 def test_mlp_planted_dead_units():
     m = make_mlp()
-    report, refs = compare(m, batches(5, 4, 8), mlp_probes, window=WINDOW)
+    report, refs = compare(m, batches(5, 4, 8), mlp_probes, window=WINDOW, count_subsample=1)
     # the planted units are among the dead ones (the reference sees them too)
     assert {2, 5} <= set(report.layer("1").dead_units)
     assert {0, 7, 11} <= set(report.layer("3").dead_units)
@@ -62,7 +62,7 @@ def test_mlp_several_forwards_per_step_and_every_step():
     steps = [[torch.randn(3, 8), torch.randn(5, 8)] for _ in range(6)]
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, mlp_probes(twin))
-    reports = run_watch(m, steps, window=WINDOW, every_step=True)
+    reports = run_watch(m, steps, window=WINDOW, every_step=True, count_subsample=1)
     for s, report in enumerate(reports, start=1):
         check_report(report, refs, WINDOW, steps=s, interval=(0, s))
     assert reports[-1].layer("1").observations == 6 * 8
@@ -71,7 +71,7 @@ def test_mlp_several_forwards_per_step_and_every_step():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_mlp_dtypes(dtype):
     m = make_mlp().to(dtype)
-    compare(m, [x.to(dtype) for x in batches(4, 4, 8)], mlp_probes, window=WINDOW)
+    compare(m, [x.to(dtype) for x in batches(4, 4, 8)], mlp_probes, window=WINDOW, count_subsample=1)
 
 
 def test_float64_values_beyond_float32_range():
@@ -82,7 +82,7 @@ def test_float64_values_beyond_float32_range():
         m[0].weight[2:5] = 0.0
         m[0].bias[2:5] = torch.tensor([1e39, -1e4, 1e-300], dtype=torch.float64)
     report, _ = compare(m, [torch.randn(3, 4, dtype=torch.float64) for _ in range(2)],
-                        lambda t: {"1": Probe(t[1])}, window=WINDOW)
+                        lambda t: {"1": Probe(t[1])}, window=WINDOW, count_subsample=1)
     layer = report.layer("1")
     assert layer.status != "nonfinite"
     assert 3 in layer.dead_units and 2 not in layer.dead_units and 4 not in layer.dead_units
@@ -96,7 +96,7 @@ def test_mlp_unbatched_input():
     steps = batches(4, 6)
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {"1": Probe(twin[1], axis=0)})
-    report = run_watch(m, steps, window=WINDOW)
+    report = run_watch(m, steps, window=WINDOW, count_subsample=1)
     if report.layers:
         check_report(report, refs, WINDOW)
 
@@ -123,7 +123,7 @@ class CNN(nn.Module):
 def test_cnn_dead_channels():
     m = CNN()
     report, refs = compare(m, batches(4, 2, 3, 7, 7), lambda t: {"act1": Probe(t.act1), "act2": Probe(t.act2)},
-                           window=WINDOW)
+                           window=WINDOW, count_subsample=1)
     assert report.layer("act1").units == 8 and report.layer("act1").observations == 4 * 2 * 7 * 7
     assert 3 in report.layer("act1").dead_units
     assert report.layer("act2").units == 6 and {0, 4} <= set(report.layer("act2").dead_units)
@@ -147,7 +147,7 @@ def test_conv1d_channels():
     """(N, C, L): the channel dim is the unit axis, whatever L is (here L=20 > C and L=5 < C)."""
     m = Conv1dNet()
     steps = [torch.randn(2, 4, 20), torch.randn(3, 4, 5), torch.randn(2, 4, 20), torch.randn(1, 4, 12)]
-    report, _ = compare(m, steps, lambda t: {"a1": Probe(t.a1), "a2": Probe(t.a2)}, window=WINDOW)
+    report, _ = compare(m, steps, lambda t: {"a1": Probe(t.a1), "a2": Probe(t.a2)}, window=WINDOW, count_subsample=1)
     assert report.layer("a1").units == 10 and {0, 9} <= set(report.layer("a1").dead_units)
     assert report.layer("a2").units == 6 and 2 in report.layer("a2").dead_units
     assert report.layer("a2").kind == "ELU"
@@ -156,14 +156,15 @@ def test_conv1d_channels():
 def test_conv3d_channels():
     m = nn.Sequential(nn.Conv3d(2, 5, 3), nn.ReLU())
     plant_dead(m[0].bias, [1])
-    compare(m, batches(3, 2, 2, 5, 6, 4), lambda t: {"1": Probe(t[1])}, window=WINDOW)
+    compare(m, batches(3, 2, 2, 5, 6, 4), lambda t: {"1": Probe(t[1])}, window=WINDOW, count_subsample=1)
 
 
 def test_conv1d_channels_first_seen_under_no_grad():
     """The first counted forward runs under no_grad (eval with count_eval): units are still channels."""
     m = Conv1dNet()
     steps = [Fwd((torch.randn(2, 4, 20),), train=False), torch.randn(2, 4, 20), torch.randn(2, 4, 20)]
-    compare(m, steps, lambda t: {"a1": Probe(t.a1), "a2": Probe(t.a2)}, window=WINDOW, count_eval=True)
+    compare(m, steps, lambda t: {"a1": Probe(t.a1), "a2": Probe(t.a2)}, window=WINDOW, count_eval=True,
+            count_subsample=1)
 
 
 # ---- (N, T, C) transformer block: units on the last dim ----------------------------------------
@@ -202,7 +203,7 @@ def test_transformer_block_gelu_mlp():
     # sequence lengths vary from step to step; T=16 == C on purpose in one step
     steps = [torch.randn(2, 7, 16), torch.randn(3, 16, 16), torch.randn(2, 5, 16), torch.randn(1, 9, 16)]
     report, _ = compare(m, steps, lambda t: {f"blocks.{i}.act": Probe(t.blocks[i].act, axis=-1) for i in range(2)},
-                        window=WINDOW)
+                        window=WINDOW, count_subsample=1)
     assert [layer.name for layer in report.layers] == ["blocks.0.act", "blocks.1.act"]
     assert report.layer("blocks.0.act").units == 40
     assert report.layer("blocks.0.act").observations == 2 * 7 + 3 * 16 + 2 * 5 + 9
@@ -217,7 +218,7 @@ def test_torch_transformer_encoder_layer_gelu():
     plant_dead(m.layers[0].linear1.bias, [3])
     steps = batches(3, 2, 5, d)
     report, _ = compare(m, steps, lambda t: {f"layers.{i}.gelu#0": Probe(t.layers[i].linear1, axis=-1)
-                                             for i in range(2)}, window=WINDOW)
+                                             for i in range(2)}, window=WINDOW, count_subsample=1)
     assert report.layer("layers.0.gelu#0").units == ff
 
 
@@ -239,7 +240,8 @@ class GatedMLP(nn.Module):
 def test_gated_silu_mlp():
     m = nn.Sequential(GatedMLP(), GatedMLP())
     report, _ = compare(m, batches(4, 2, 6, 12), lambda t: {"0.act": Probe(t[0].act, axis=-1),
-                                                            "1.act": Probe(t[1].act, axis=-1)}, window=WINDOW)
+                                                            "1.act": Probe(t[1].act, axis=-1)}, window=WINDOW,
+                        count_subsample=1)
     assert report.layer("0.act").units == 32 and report.layer("0.act").kind == "SiLU"
     assert {1, 2, 30} <= set(report.layer("1.act").dead_units)
 
@@ -268,7 +270,7 @@ def test_reused_relu_module_basic_block():
     m = BasicBlock()
     steps = [torch.randn(2, 6, 5, 5).abs() + 0.1 for _ in range(4)]  # identity path keeps relu#1 channel 2 alive
     report, _ = compare(m, steps, lambda t: {"relu#0": Probe(t.relu, call=0), "relu#1": Probe(t.relu, call=1)},
-                        window=WINDOW)
+                        window=WINDOW, count_subsample=1)
     assert [layer.name for layer in report.layers] == ["relu#0", "relu#1"]
     assert 2 in report.layer("relu#0").dead_units
     assert 2 not in report.layer("relu#1").dead_units
@@ -292,7 +294,8 @@ class SharedAct(nn.Module):
 def test_reused_activation_module_different_widths():
     m = nn.Sequential(SharedAct())
     report, _ = compare(m, batches(4, 3, 5), lambda t: {"0.act#0": Probe(t[0].act, call=0),
-                                                       "0.act#1": Probe(t[0].act, call=1)}, window=WINDOW)
+                                                       "0.act#1": Probe(t[0].act, call=1)}, window=WINDOW,
+                        count_subsample=1)
     assert report.layer("0.act#0").units == 16 and report.layer("0.act#1").units == 8
     assert 6 in report.layer("0.act#1").dead_units
 
@@ -343,7 +346,7 @@ def fn_probes(t):
 
 def test_functional_activations():
     m = FnNet()
-    report, _ = compare(m, batches(4, 5, 6), fn_probes, window=WINDOW)
+    report, _ = compare(m, batches(4, 5, 6), fn_probes, window=WINDOW, count_subsample=1)
     assert [layer.name for layer in report.layers] == ["relu#0", "block.gelu#0", "block.silu#0", "relu#1", "act"]
     assert 8 in report.layer("relu#0").dead_units
     assert 4 in report.layer("block.gelu#0").dead_units
@@ -389,7 +392,8 @@ class PartialFn(ImportedFn):
 @pytest.mark.parametrize("make", [ImportedFn, PartialFn], ids=["imported_name", "partial"])
 def test_function_imported_by_name(make):
     m = nn.Sequential(make())
-    report, _ = compare(m, batches(3, 4, 6), lambda t: {"0.gelu#0": Probe(t[0].fc)}, window=WINDOW)
+    report, _ = compare(m, batches(3, 4, 6), lambda t: {"0.gelu#0": Probe(t[0].fc)}, window=WINDOW,
+                        count_subsample=1)
     assert 4 in report.layer("0.gelu#0").dead_units
 
 
@@ -419,7 +423,8 @@ def test_inplace_relu():
     m = InplaceNet()
     # pre-activation probes: the hook copies the Linear/conv output before the in-place ReLU overwrites it
     report, _ = compare(m, batches(4, 3, 3, 6, 6), lambda t: {
-        "act": Probe(t.conv), "relu#0": Probe(t.fc1), "relu#1": Probe(t.fc2), "relu#2": Probe(t.fc3)}, window=WINDOW)
+        "act": Probe(t.conv), "relu#0": Probe(t.fc1), "relu#1": Probe(t.fc2), "relu#2": Probe(t.fc3)}, window=WINDOW,
+        count_subsample=1)
     assert report.layer("act").dead_units[:1] == [1]
     assert report.layer("act").observations == 4 * 3 * 4 * 4
 
@@ -519,13 +524,13 @@ def test_activation_checkpointing_counts_once(kind, reentrant):
     plain = copy.deepcopy(base)
     ckpt = copy.deepcopy(base)
     ckpt.ckpt = reentrant
-    report_plain, refs = compare(plain, steps, probes_of, window=WINDOW)
+    report_plain, refs = compare(plain, steps, probes_of, window=WINDOW, count_subsample=1)
     acts = [mod for mod in ckpt.modules() if isinstance(mod, (nn.ReLU, nn.GELU))]
     calls = []
     handles = [a.register_forward_hook(lambda *args: calls.append(1)) for a in acts]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report_ckpt = run_watch(ckpt, steps, window=WINDOW)
+        report_ckpt = run_watch(ckpt, steps, window=WINDOW, count_subsample=1)
     for h in handles:
         h.remove()
     assert len(calls) == 2 * len(acts) * len(steps)   # every activation really ran again in backward
@@ -544,13 +549,13 @@ def eval_steps():
 
 def test_eval_forwards_excluded():
     m = make_mlp()
-    report, _ = compare(m, eval_steps(), mlp_probes, window=WINDOW)
+    report, _ = compare(m, eval_steps(), mlp_probes, window=WINDOW, count_subsample=1)
     assert report.layer("1").observations == 4 * 4
 
 
 def test_eval_forwards_counted_with_count_eval():
     m = make_mlp()
-    report, _ = compare(m, eval_steps(), mlp_probes, window=WINDOW, count_eval=True)
+    report, _ = compare(m, eval_steps(), mlp_probes, window=WINDOW, count_eval=True, count_subsample=1)
     assert report.layer("1").observations == 4 * 4 + 4 * 3
 
 
@@ -576,7 +581,7 @@ def test_eval_forwards_functional_and_multi_call(count_eval):
         p["shared.act#1"] = Probe(t.shared.act, call=1)
         return p
 
-    report, _ = compare(m, steps, probes, window=WINDOW, count_eval=count_eval)
+    report, _ = compare(m, steps, probes, window=WINDOW, count_eval=count_eval, count_subsample=1)
     assert report.layer("fn.relu#0").observations == 3 * 4 + (3 * 2 if count_eval else 0)
 
 
@@ -593,7 +598,7 @@ def test_nan_input_flagged_nonfinite():
     x = torch.randn(4, 8)
     x[1, 3] = float("nan")
     steps = [torch.randn(4, 8), x, torch.randn(4, 8)]
-    report, refs = compare(m, steps, mlp_probes, window=WINDOW)
+    report, refs = compare(m, steps, mlp_probes, window=WINDOW, count_subsample=1)
     assert report.layer("1").status == "nonfinite" and report.layer("3").status == "nonfinite"
     assert report.flagged and {layer.name for layer in report.flagged} == {"1", "3"}
 
@@ -625,7 +630,7 @@ def test_nonfinite_units_never_fire_and_status_recovers():
     steps = [x0, x1, torch.randn(5, 16), torch.randn(5, 16)]
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {"1": Probe(twin[1])})
-    reports = run_watch(m, steps, window=window, every_step=True)
+    reports = run_watch(m, steps, window=window, every_step=True, count_subsample=1)
     for s, report in enumerate(reports, start=1):
         check_report(report, refs, window, steps=s, interval=(0, s))
     assert reports[0].layer("1").status == "nonfinite"
@@ -666,7 +671,7 @@ def test_threshold_is_value_at_zero(act):
     act = act()
     m = Thresholds(act)
     steps = batches(3, 5, 4)
-    report, _ = compare(m, steps, lambda t: {"act": Probe(t.fc)}, window=WINDOW)
+    report, _ = compare(m, steps, lambda t: {"act": Probe(t.fc)}, window=WINDOW, count_subsample=1)
     layer = report.layer("act")
     assert layer.kind == type(act).__name__
     assert 0 in layer.dead_units and 1 in layer.dead_units and 2 not in layer.dead_units
@@ -690,6 +695,7 @@ def test_threshold_functional():
     m = FnThresholds()
     probes = lambda t: {"sigmoid#0": Probe(t.fcs[0]), "tanh#0": Probe(t.fcs[1]), "softplus#0": Probe(t.fcs[2]),
                         "softplus#1": Probe(t.fcs[3]), "softplus#2": Probe(t.fcs[4])}
-    report, _ = compare(m, batches(3, 5, 4), probes, window=WINDOW, functions=["sigmoid", "tanh", "softplus"])
+    report, _ = compare(m, batches(3, 5, 4), probes, window=WINDOW, functions=["sigmoid", "tanh", "softplus"],
+                        count_subsample=1)
     for layer in report.layers:
         assert 2 not in layer.dead_units, layer.name

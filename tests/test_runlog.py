@@ -158,7 +158,8 @@ def test_header_then_one_flushed_record_per_report(tmp_path):
 
     before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     planted = {0: [1, 5], 1: [3]}
-    expected, own = train(tmp_path, planted=planted, steps=23, report_every=5, window=5, on_report=on_report)
+    expected, own = train(tmp_path, planted=planted, steps=23, report_every=5, window=5, on_report=on_report,
+                          count_subsample=1)
     after = dt.datetime.now(dt.timezone.utc)
 
     # the set-up is what we think it is: exactly the planted units are dead
@@ -187,7 +188,8 @@ def test_header_then_one_flushed_record_per_report(tmp_path):
     assert cfg["thresholds"] == {"warn": WARN, "critical": CRITICAL}
     assert cfg["reporters"] == ["jsonl", "tensorboard"]
     # the header's config is the config used: loading it gives the same Config
-    assert load_config(cfg) == load_config(None, window=5, report_every=5, reporters=["jsonl", "tensorboard"])
+    assert load_config(cfg) == load_config(None, window=5, report_every=5, reporters=["jsonl", "tensorboard"],
+                                           count_subsample=1)
 
     for record, exp, report in zip(records[1:], expected, own):
         check_record(record, exp)
@@ -222,7 +224,8 @@ def test_firing_rates_capped_at_4096_units(tmp_path):
         net.a.bias[[7, 4095]] = -1e4
         net.b.bias[[0, 4096]] = -1e4
     x = torch.randn(4, 3)
-    with deadwatch.watch(net, logdir=tmp_path, reporters=["jsonl"], report_every=1, window=5) as monitor:
+    with deadwatch.watch(net, logdir=tmp_path, reporters=["jsonl"], report_every=1, window=5,
+                         count_subsample=1) as monitor:
         with torch.no_grad():
             net(x)
         monitor.step()
@@ -328,7 +331,7 @@ def test_sigkill_keeps_every_report(tmp_path, capsys):
 # ---- torn and corrupt lines -------------------------------------------------------------------
 
 def test_torn_last_line_is_skipped_with_a_warning(tmp_path, capsys):
-    expected, _ = train(tmp_path, planted={0: [2]}, steps=15, report_every=5, reporters=["jsonl"])
+    expected, _ = train(tmp_path, planted={0: [2]}, steps=15, report_every=5, reporters=["jsonl"], count_subsample=1)
     path = tmp_path / runlog.FILENAME
     data = path.read_bytes()
     last_start = data.rstrip(b"\n").rfind(b"\n") + 1
@@ -364,7 +367,7 @@ GARBAGE = {
 @pytest.mark.parametrize("where", ["after_header", "between_reports"])
 @pytest.mark.parametrize("kind", sorted(GARBAGE))
 def test_corrupt_line_in_the_middle_is_skipped(tmp_path, capsys, kind, where):
-    expected, _ = train(tmp_path, planted={0: [2]}, steps=15, report_every=5, reporters=["jsonl"])
+    expected, _ = train(tmp_path, planted={0: [2]}, steps=15, report_every=5, reporters=["jsonl"], count_subsample=1)
     path = tmp_path / runlog.FILENAME
     lines = lines_of(path)
     at = 1 if where == "after_header" else 2
@@ -391,8 +394,9 @@ def test_corrupt_line_in_the_middle_is_skipped(tmp_path, capsys, kind, where):
 # ---- restarted runs -------------------------------------------------------------------------
 
 def test_restarted_run_appends_with_a_resumed_header(tmp_path):
-    first, _ = train(tmp_path, planted={0: [1]}, steps=10, report_every=5, reporters=["jsonl"])
-    second, _ = train(tmp_path, planted={0: [1, 2, 3]}, steps=7, report_every=5, reporters=["jsonl"])
+    first, _ = train(tmp_path, planted={0: [1]}, steps=10, report_every=5, reporters=["jsonl"], count_subsample=1)
+    second, _ = train(tmp_path, planted={0: [1, 2, 3]}, steps=7, report_every=5, reporters=["jsonl"],
+                      count_subsample=1)
     records = [json.loads(line) for line in lines_of(tmp_path / runlog.FILENAME)]
     assert [r["type"] for r in records] == ["header", "report", "report", "header", "report", "report"]
     assert records[0]["resumed"] is False
@@ -409,12 +413,12 @@ def test_restarted_run_appends_with_a_resumed_header(tmp_path):
 def test_restart_after_a_torn_last_line_keeps_the_new_header_and_reports(tmp_path):
     """A run killed mid-write leaves a torn last line without its newline; the restarted run
     must still get its own header and every one of its reports."""
-    first, _ = train(tmp_path, planted={0: [1]}, steps=10, report_every=5, reporters=["jsonl"])
+    first, _ = train(tmp_path, planted={0: [1]}, steps=10, report_every=5, reporters=["jsonl"], count_subsample=1)
     path = tmp_path / runlog.FILENAME
     data = path.read_bytes()
     last_start = data.rstrip(b"\n").rfind(b"\n") + 1
     path.write_bytes(data[:last_start + (len(data) - last_start) // 2])
-    second, _ = train(tmp_path, planted={0: [4]}, steps=10, report_every=5, reporters=["jsonl"])
+    second, _ = train(tmp_path, planted={0: [4]}, steps=10, report_every=5, reporters=["jsonl"], count_subsample=1)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

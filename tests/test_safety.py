@@ -341,7 +341,8 @@ def test_two_monitors_closed_in_either_order(first):
     torch.manual_seed(0)
     models = [Functional(), MLP()]
     before = _snapshot(*models)
-    monitors = [deadwatch.watch(models[0], reporters=[]), deadwatch.watch(models[1], reporters=[])]
+    monitors = [deadwatch.watch(models[0], reporters=[], count_subsample=1),
+                deadwatch.watch(models[1], reporters=[], count_subsample=1)]
     try:
         xs = torch.randn(4, 20)
         for model, monitor in zip(models, monitors):
@@ -371,7 +372,7 @@ def test_two_monitors_with_different_functions():
     a, b = Functional(), Functional()
     before = _snapshot(a, b)
     ma = deadwatch.watch(a, reporters=[], functions=["relu"])
-    mb = deadwatch.watch(b, reporters=[], functions=["gelu"])
+    mb = deadwatch.watch(b, reporters=[], functions=["gelu"], count_subsample=1)
     x = torch.randn(3, 20)
     a(x), b(x)
     ma.step(), mb.step()

@@ -125,16 +125,28 @@ def accumulator(logdir):
     return acc
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    logdir = tmp_path_factory.mktemp("tb_run")
-    expected, own = train(logdir, image_every=IMAGE_EVERY)
+def _run(tmp_path_factory, name, **overrides):
+    logdir = tmp_path_factory.mktemp(name)
+    expected, own = train(logdir, image_every=IMAGE_EVERY, **overrides)
     # the set-up is what we think it is
     assert [e["step"] for e in expected] == [5, 10, 15, 20, 23]
     for e in expected:
         assert [e["layers"][s]["dead_units"] for s in SITES] == [[1, 5], [3], []]
         assert [e["layers"][s]["status"] for s in SITES] == ["critical", "warn", "ok"]
     return logdir, expected, own, accumulator(logdir)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The run at the default configuration: for the tests of tags, verdicts, image and text."""
+    return _run(tmp_path_factory, "tb_run")
+
+
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory):
+    """The same run counting every value (count_subsample=1): for the tests that compare zero_fraction and
+    firing rates with the figures recomputed from all values."""
+    return _run(tmp_path_factory, "tb_run_exact", count_subsample=1)
 
 
 def scalar_tags(sites):
@@ -165,8 +177,8 @@ def test_tag_names_do_not_depend_on_shapes_or_counts(run, tmp_path):
 
 # ---- values -----------------------------------------------------------------------------------
 
-def test_scalar_values_equal_the_reports(run):
-    logdir, expected, own, acc = run
+def test_scalar_values_equal_the_reports(exact_run):
+    logdir, expected, own, acc = exact_run
     steps = [e["step"] for e in expected]
 
     def series(tag):
@@ -193,8 +205,8 @@ def test_scalar_values_equal_the_reports(run):
     assert series("deadwatch/threshold/critical") == [pytest.approx(CRITICAL)] * len(steps)
 
 
-def test_firing_rate_histograms(run):
-    logdir, expected, own, acc = run
+def test_firing_rate_histograms(exact_run):
+    logdir, expected, own, acc = exact_run
     steps = [e["step"] for e in expected]
     for site in SITES:
         events = acc.Histograms(f"deadwatch/firing_rate/{site}")
@@ -314,8 +326,8 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_tensorboard_server_serves_the_values(run, tmp_path):
-    logdir, expected, own, acc = run
+def test_tensorboard_server_serves_the_values(exact_run, tmp_path):
+    logdir, expected, own, acc = exact_run
     tensorboard = Path(sys.executable).parent / "tensorboard"
     assert tensorboard.exists(), tensorboard
     port = free_port()

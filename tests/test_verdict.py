@@ -101,7 +101,7 @@ def test_random_schedule_against_reference():
     m = unit_net(units)
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {"1": Probe(twin[1])})
-    reports = run_watch(m, steps, window=window, every_step=True)
+    reports = run_watch(m, steps, window=window, every_step=True, count_subsample=1)
     for s, report in enumerate(reports, start=1):
         assert report.layer("1").dead_units == expected_dead(schedule, units, window, s)
         check_report(report, refs, window, steps=s, interval=(0, s))
@@ -199,7 +199,7 @@ def test_report_every_resets_interval_not_window():
         steps.append(x)
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {"1": Probe(twin[1])})
-    reports = run_watch(m, steps, window=window, report_every=2, every_step=True)
+    reports = run_watch(m, steps, window=window, report_every=2, every_step=True, count_subsample=1)
     # report_every=2: the reports at steps 2 and 4 close an interval; the next step starts a new one
     # (until then report() still shows the interval just reported)
     intervals = [(0, 1), (0, 2), (2, 3), (2, 4), (4, 5)]
@@ -217,7 +217,7 @@ def test_report_by_hand_resets_nothing():
     steps = [torch.randn(3, units) for _ in range(4)]
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {"1": Probe(twin[1])})
-    with deadwatch.watch(m, reporters=[], report_every=10**6, window=10) as mon:
+    with deadwatch.watch(m, reporters=[], report_every=10**6, window=10, count_subsample=1) as mon:
         for s, x in enumerate(steps, start=1):
             m(x).sum().backward()
             mon.step()
@@ -237,7 +237,7 @@ def test_report_between_forward_and_step_is_consistent():
     x1 = torch.randn(3, units)
     twin = copy.deepcopy(m)
     ref = reference(twin, [x0, x1], {"1": Probe(twin[1])})["1"]
-    with deadwatch.watch(m, reporters=[], report_every=10**6, window=10) as mon:
+    with deadwatch.watch(m, reporters=[], report_every=10**6, window=10, count_subsample=1) as mon:
         m(x0).sum().backward()
         mon.step()
         m(x1).sum().backward()               # pending: its step() has not come yet
@@ -284,7 +284,7 @@ ALL_SITES = ["enc.0.1", "shared#0", "enc.1.1", "shared#1", "relu#0", "dec.1"]
 ])
 def test_include_exclude(include, exclude, expected):
     m = Sites()
-    report = run_watch(m, [torch.randn(3, 4), torch.randn(3, 4)], include=include, exclude=exclude)
+    report = run_watch(m, [torch.randn(3, 4), torch.randn(3, 4)], include=include, exclude=exclude, count_subsample=1)
     assert [layer.name for layer in report.layers] == expected
     units = {"enc.0.1": 5, "enc.1.1": 5, "shared#0": 5, "shared#1": 5, "relu#0": 5, "dec.1": 3}
     for layer in report.layers:
@@ -340,7 +340,7 @@ def test_unit_axis_override(axes, act_axis, cact_axis):
         m.fc.bias[3] = -1e4  # feature 3 never fires
     twin = copy.deepcopy(m)
     refs = reference(twin, steps, {"act": Probe(twin.act, axis=act_axis), "cact": Probe(twin.cact, axis=cact_axis)})
-    report = run_watch(m, steps, window=3, unit_axis=axes)
+    report = run_watch(m, steps, window=3, unit_axis=axes, count_subsample=1)
     check_report(report, refs, 3)
 
 
@@ -361,7 +361,7 @@ def test_unit_axis_override_for_multi_call_site():
     # by default act#0 has 5 units (last dim) and act#1 3 (last dim, after the transpose); override both to dim 1.
     # "^act$" reaches call 0 only, through its plain path
     refs = reference(twin, steps, {"act#0": Probe(twin.act, call=0, axis=1), "act#1": Probe(twin.act, call=1, axis=1)})
-    report = run_watch(m, steps, window=3, unit_axis={r"act#1": 1, r"^act$": 1})
+    report = run_watch(m, steps, window=3, unit_axis={r"act#1": 1, r"^act$": 1}, count_subsample=1)
     check_report(report, refs, 3)
     assert report.layer("act#0").units == 3 and report.layer("act#1").units == 5
     report = run_watch(m, steps, window=3, unit_axis={r"^act$": 1})
@@ -389,7 +389,7 @@ def test_report_to_dict_is_json_and_matches():
         m.enc[0][0].bias[:] = -1e4          # enc.0.1 all dead: critical
         m.enc[1][0].bias[1] = float("inf")  # enc.1.1 unit 1 is +inf: nonfinite
     x = torch.randn(3, 4)
-    with deadwatch.watch(m, reporters=[], report_every=2, window=5) as mon:
+    with deadwatch.watch(m, reporters=[], report_every=2, window=5, count_subsample=1) as mon:
         for s, inp in enumerate([x, x, x]):
             m.extra = s == 0
             m(inp).sum().backward()
@@ -423,7 +423,7 @@ def test_report_to_dict_is_json_and_matches():
 
 def test_report_to_dict_with_zero_fraction():
     m = Sites()
-    report = run_watch(m, [torch.randn(3, 4)])
+    report = run_watch(m, [torch.randn(3, 4)], count_subsample=1)
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     for ld, layer in zip(d["layers"], report.layers):
         assert isinstance(ld["zero_fraction"], float) and ld["zero_fraction"] == layer.zero_fraction
