@@ -1,10 +1,13 @@
 """Training-step overhead of deadwatch at defaults (reporters off), paired against plain steps.
 
-A plain and a watched copy of each model live in one process; their steps are
-interleaved one by one, alternating which goes first, and the medians are
-compared: whole-run timings on a shared machine drift by more than the effect.
+A plain, a watched and a naively counted copy of each model live in one process;
+their steps are interleaved one by one, rotating which goes first, and the
+medians are compared: whole-run timings on a shared machine drift by more than
+the effect. Every activation site is watched, the functional GELU included.
+The naive reference counts (out > 0) per unit in three passes, as a hand-written
+hook would.
 
-    python benchmarks/overhead.py [--steps 300] [--threads 1] [--models mlp,cnn,transformer]
+    python benchmarks/overhead.py [--steps 300] [--rounds 1] [--threads 1] [--models mlp,cnn,transformer]
 """
 
 from __future__ import annotations
@@ -104,17 +107,45 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor=None):
     return step
 
 
-def pair(plain_step, watched_step, steps: int, warmup: int) -> tuple[float, float]:
-    plain, watched = [], []
-    for i in range(warmup + steps):
-        if i % 2:
-            tw, tp = watched_step(), plain_step()
-        else:
-            tp, tw = plain_step(), watched_step()
-        if i >= warmup:
-            plain.append(tp)
-            watched.append(tw)
-    return statistics.median(plain), statistics.median(watched)
+class NaiveCounter:
+    """The reference to beat: a forward hook per activation (and a wrapper for the functional GELU)
+    counting (out > 0) per unit in three passes: compare, cast, sum."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+        for m in model.modules():
+            if isinstance(m, (nn.ReLU, nn.GELU)):
+                m.register_forward_hook(lambda mod, args, out: self.count(id(mod), out))
+        self.gelu = F.gelu
+
+    def count(self, key: int, out: torch.Tensor) -> None:
+        unit = -1 if out.ndim == 3 else 1
+        dims = tuple(d for d in range(out.ndim) if d != unit % out.ndim)
+        fired = (out.detach() > 0).float().sum(dims)
+        self.counts[key] = self.counts[key] + fired if key in self.counts else fired
+
+    def __enter__(self) -> None:
+        F.gelu = lambda x, *a, **k: self._gelu(x, *a, **k)
+
+    def _gelu(self, x, *a, **k):
+        out = self.gelu(x, *a, **k)
+        self.count(id(self._gelu), out)
+        return out
+
+    def __exit__(self, *exc) -> None:
+        F.gelu = self.gelu
+
+
+def interleave(steps: list, n: int, warmup: int) -> list[float]:
+    """Run the steps one after another, rotating which goes first; the median time of each."""
+    times: list[list[float]] = [[] for _ in steps]
+    for i in range(warmup + n):
+        order = [(i + j) % len(steps) for j in range(len(steps))]
+        for j in order:
+            t = steps[j]()
+            if i >= warmup:
+                times[j].append(t)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -127,19 +158,27 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loads = workloads()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} paired steps, medians")
-    print(f"{'model':<12} {'plain ms':>9} {'watched ms':>11} {'ratio':>7}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} interleaved steps each, medians "
+          f"(median round of {args.rounds})")
+    print(f"{'model':<12} {'plain ms':>9} {'watched ms':>11} {'ratio':>7} {'naive ms':>9} {'naive ratio':>12}")
     worst = 0.0
     for name in args.models.split(","):
         model, x, y = loads[name]
-        twin = copy.deepcopy(model)
+        twin, naive_twin = copy.deepcopy(model), copy.deepcopy(model)
+        naive = NaiveCounter(naive_twin)
+        naive_step = make_step(naive_twin, x, y)
+
+        def naive_counted() -> float:
+            with naive:
+                return naive_step()
+
         with deadwatch.watch(twin, reporters=[]) as monitor:
-            plain_step, watched_step = make_step(model, x, y), make_step(twin, x, y, monitor)
-            rounds = sorted((pair(plain_step, watched_step, args.steps, args.warmup) for _ in range(args.rounds)),
-                            key=lambda pw: pw[1] / pw[0])
-            p, w = rounds[len(rounds) // 2]
+            steps = [make_step(model, x, y), make_step(twin, x, y, monitor), naive_counted]
+            rounds = sorted((interleave(steps, args.steps, args.warmup) for _ in range(args.rounds)),
+                            key=lambda r: r[1] / r[0])
+            p, w, n = rounds[len(rounds) // 2]
         worst = max(worst, w / p)
-        print(f"{name:<12} {1e3 * p:>9.2f} {1e3 * w:>11.2f} {w / p:>7.3f}")
+        print(f"{name:<12} {1e3 * p:>9.2f} {1e3 * w:>11.2f} {w / p:>7.3f} {1e3 * n:>9.2f} {n / p:>12.3f}")
     print(f"worst ratio {worst:.3f}")
 
 
