@@ -3,14 +3,18 @@
     python benchmarks/report_cost.py [--sites 200] [--units 16384] [--repeat 20]
 
 Builds a model with SITES ReLU sites of UNITS units each, runs a few watched steps, then
-times monitor.report() (median of REPEAT) and counts the host transfers it makes. Prints
-the monitor's state in bytes per unit for two batch sizes (it must not depend on them).
+times monitor.report() (median of REPEAT) and counts the host transfers (Tensor.cpu) and
+collectives it makes. Prints the monitor's state in bytes per unit for two batch sizes (it
+must not depend on them). --distributed runs the same under a one-rank gloo process group:
+the packed path every multi-process or GPU run takes (one buffer, one all_reduce, one copy).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -44,15 +48,17 @@ def run(sites: int, units: int, batch: int, repeat: int) -> tuple[float, int, fl
             model(torch.randn(batch, units))
             monitor.step()
         monitor.report()  # warm-up
-        transfers = 0
-        original_cpu = torch.Tensor.cpu
+        calls = {"cpu": 0, "all_reduce": 0}
+        originals = {"cpu": torch.Tensor.cpu, "all_reduce": torch.distributed.all_reduce}
 
-        def counting_cpu(self, *a, **k):
-            nonlocal transfers
-            transfers += 1
-            return original_cpu(self, *a, **k)
+        def counting(name):
+            def call(*a, **k):
+                calls[name] += 1
+                return originals[name](*a, **k)
+            return call
 
-        torch.Tensor.cpu = counting_cpu
+        torch.Tensor.cpu = counting("cpu")
+        torch.distributed.all_reduce = counting("all_reduce")
         try:
             times = []
             for _ in range(repeat):
@@ -60,8 +66,10 @@ def run(sites: int, units: int, batch: int, repeat: int) -> tuple[float, int, fl
                 monitor.report()
                 times.append(time.perf_counter() - t0)
         finally:
-            torch.Tensor.cpu = original_cpu
-        return statistics.median(times), transfers // repeat, state_bytes(monitor) / (sites * units)
+            torch.Tensor.cpu = originals["cpu"]
+            torch.distributed.all_reduce = originals["all_reduce"]
+        per_report = {k: v / repeat for k, v in calls.items()}
+        return statistics.median(times), per_report, state_bytes(monitor) / (sites * units)
 
 
 def main() -> None:
@@ -70,13 +78,21 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=16384)
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--distributed", action="store_true", help="under a one-rank gloo process group")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.sites} sites x {args.units} units")
+    if args.distributed:
+        store = os.path.join(tempfile.mkdtemp(), "store")
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    mode = "one-rank gloo group (packed path)" if args.distributed else "single CPU process (buffers read in place)"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.sites} sites x {args.units} units, {mode}")
     for batch in (2, 32):
-        seconds, transfers, per_unit = run(args.sites, args.units, batch, args.repeat)
-        print(f"batch {batch:>3}: report() {1e3 * seconds:7.1f} ms (median of {args.repeat}), "
-              f"{transfers} host transfer(s) per report, state {per_unit:.1f} bytes per unit")
+        seconds, calls, per_unit = run(args.sites, args.units, batch, args.repeat)
+        print(f"batch {batch:>3}: report() {1e3 * seconds:7.1f} ms (median of {args.repeat}), per report "
+              f"{calls['cpu']:g} host transfer(s) and {calls['all_reduce']:g} all_reduce(s); "
+              f"state {per_unit:.1f} bytes per unit")
+    if args.distributed:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

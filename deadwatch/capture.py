@@ -153,6 +153,7 @@ class Site:
         self.threshold = threshold
         self.nonnegative = threshold == 0 and kind.lower() in NONNEGATIVE  # output can never be < 0
         self.subsample = 1          # counts on the first 1/subsample of the batch
+        self.seen = -1              # the counters' fold_count when this site last ran
         self.first_step = first_step
         self.units = 0
         self.ndim = 0
@@ -256,6 +257,7 @@ class Capture:
         self.calls: dict[Any, int] = {}    # calls per module / (module, function) in this forward
         self.sites: dict[Any, Site | None] = {}   # None: seen, but include/exclude says no
         self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
+        self.activation_code: set[Any] = set()        # code of activation modules' forward: skip fast
         self.thresholds: dict[int, float] = {}        # id(activation module) -> its output at 0
         self.handles: list[Any] = []
         self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
@@ -276,6 +278,7 @@ class Capture:
                 self.paths[id(module)] = (path, act)
                 _WATCHED.add(module)
                 if act:
+                    self.activation_code.add(type(module).forward.__code__)
                     self.thresholds[id(module)] = module_threshold(module)
                     self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
             self.handles.append(self.model.register_forward_pre_hook(self._enter))
@@ -389,6 +392,8 @@ class Capture:
         """The module of this model whose forward (directly or through helpers) called the function."""
         while frame is not None:
             code = frame.f_code  # only methods can have a module as `self`: skip the rest without f_locals
+            if code in self.activation_code:  # nn.ReLU.forward calling F.relu: the module's own site
+                return None
             obj = frame.f_locals.get("self") if code.co_argcount and code.co_varnames[0] == "self" else None
             if isinstance(obj, nn.Module):
                 found = self.paths.get(id(obj))

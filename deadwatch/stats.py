@@ -49,7 +49,15 @@ def record(site: Site, out: torch.Tensor) -> None:
         from .capture import warn_once
         warn_once(site, f"output shape {tuple(x.shape)} does not have its {site.units} units on dim {site.axis}; call skipped")
         return
-    torch.maximum(site.step_max, torch.amax(x, site.dims), out=site.step_max)
+    # The first call of a step writes its reductions straight into the site's buffers (fewer ops:
+    # each small op costs microseconds, most of all right after a large matmul); later calls in
+    # the same step (a reused module, gradient accumulation) fold into them.
+    first = site.seen != site.counters.fold_count and x.dtype == site.step_max.dtype
+    site.seen = site.counters.fold_count
+    if first:
+        torch.amax(x, site.dims, out=site.step_max)
+    else:
+        torch.maximum(site.step_max, torch.amax(x, site.dims), out=site.step_max)
     if site.subsample > 1:
         batch = site.dims[0]
         x = x.narrow(batch, 0, -(-x.shape[batch] // site.subsample))
@@ -58,8 +66,11 @@ def record(site: Site, out: torch.Tensor) -> None:
         fired = torch.sign(x)
     else:
         fired = torch.sign(x - site.threshold if site.threshold else x).clamp_(min=0)
-    wide = n >= EXACT_FLOAT32 or x.dtype == torch.float64
-    site.step_fired.add_(torch.sum(fired, site.dims, dtype=torch.float64 if wide else torch.float32))
+    if first:
+        torch.sum(fired, site.dims, dtype=torch.float64, out=site.step_fired)
+    else:
+        wide = n >= EXACT_FLOAT32 or x.dtype == torch.float64
+        site.step_fired.add_(torch.sum(fired, site.dims, dtype=torch.float64 if wide else torch.float32))
     site.step_observations += n
 
 
@@ -70,6 +81,7 @@ class Counters:
         self.device = device
         self.dtype = dtype
         self.lowest = torch.finfo(dtype).min
+        self.fold_count = 0  # changes at every fold: a site whose `seen` differs has not run this step
         self.sites: list[Site] = []
         empty = {"device": device}
         self.step_max = torch.empty(0, dtype=dtype, **empty)
@@ -100,13 +112,14 @@ class Counters:
 
     def fold(self, step: int) -> None:
         """Close training step `step`: a unit whose step max is NaN/inf does not fire in it."""
-        bad = ~torch.isfinite(self.step_max)
-        fired = (self.step_max > self.threshold) & ~bad
-        self.last_fired.masked_fill_(fired, step)
+        ok = torch.isfinite(self.step_max)
+        self.last_fired.masked_fill_((self.step_max > self.threshold).logical_and_(ok), step)
+        bad = ok.logical_not_()
         self.last_nonfinite.masked_fill_(bad, step)
         self.fired += self.step_fired.masked_fill_(bad, 0)
         self.step_fired.zero_()
         self.step_max.fill_(self.lowest)
+        self.fold_count += 1
 
 
 class Registry:
