@@ -187,25 +187,29 @@ class Registry:
                     out[id(site)] = (alive[sl], bool(nonfinite[sl].any()), c.fired.numpy()[sl],
                                      site.observations, steps > site.first_step)
             return out
-        # One buffer: per group, alive + (world + 1) * nonfinite per unit (so a SUM over ranks can be
-        # told apart again), then the fired counts; then observations and judged per site.
-        base = (dist.get_world_size() if distributed else 1) + 1
+        # One buffer, written in place: per group, alive + base * nonfinite per unit (base is a power
+        # of two above the world size, so a SUM over ranks can be taken apart again), then the fired
+        # counts; then observations and judged per site.
+        base = 1 << (dist.get_world_size() if distributed else 1).bit_length()
         device = _collective_device() if distributed else groups[0].device
-        parts, tail = [], []
+        tail = [v for c in groups for site in c.sites for v in (site.observations, int(steps > site.first_step))]
+        flat = torch.empty(sum(2 * c.units for c in groups) + len(tail), dtype=torch.float64, device=device)
+        pos = 0
         for c in groups:
-            code = (c.last_fired >= start).double() + base * (c.last_nonfinite >= start).double()
-            parts += [code.to(device), c.fired.to(device)]
-            for site in c.sites:
-                tail += [site.observations, int(steps > site.first_step)]
-        flat = torch.cat(parts + [torch.tensor(tail, dtype=torch.float64).to(device)])
+            code, fired = flat[pos:pos + c.units], flat[pos + c.units:pos + 2 * c.units]
+            torch.mul(c.last_nonfinite.to(device) >= start, base, out=code)
+            code.add_(c.last_fired.to(device) >= start)
+            fired.copy_(c.fired)
+            pos += 2 * c.units
+        flat[pos:].copy_(torch.tensor(tail, dtype=torch.float64))
         if distributed:
             dist.all_reduce(flat)
         host = flat.cpu().numpy()
         out, pos, t = {}, 0, host.size - len(tail)
         for c in groups:
-            code, fired = host[pos:pos + c.units], host[pos + c.units:pos + 2 * c.units]
+            code, fired = host[pos:pos + c.units].astype(np.int64), host[pos + c.units:pos + 2 * c.units]
             pos += 2 * c.units
-            alive, nonfinite = code % base > 0, code >= base
+            alive, nonfinite = (code & (base - 1)) > 0, code >= base
             for site in c.sites:
                 sl = slice(site.offset, site.offset + site.units)
                 out[id(site)] = (alive[sl], bool(nonfinite[sl].any()), fired[sl], int(host[t]), host[t + 1] > 0)
