@@ -105,42 +105,6 @@ class Planted(nn.Module):
         return self.fc3(F.relu(h))
 
 
-class Branchy(nn.Module):
-    """Different site sets per rank.
-
-    act (all ranks) -> on rank 1 only: extra (ReLU6 module, called on rank 1 only) ->
-    on rank 0 only, from step 1 on: F.silu (site `silu#0`, discovered on rank 0 at step 1) ->
-    fc2 -> F.relu (site `relu#0`, all ranks).
-    """
-
-    def __init__(self, rank: int, taps: Taps):
-        super().__init__()
-        self.rank = rank
-        self.step = 0
-        self.fc1 = nn.Linear(3, 4)
-        self.act = nn.ReLU()
-        self.extra = nn.ReLU6()
-        self.fc2 = nn.Linear(4, 3)
-        _plant_fc1(self.fc1)
-        self._taps = [taps]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tap = self._taps[0]
-        a = self.act(self.fc1(x))
-        tap("act", a)
-        if self.rank == 1:
-            e = self.extra(a - 0.5)
-            tap("extra", e)
-            a = a + e
-        if self.rank == 0 and self.step >= 1:
-            pre = a[:, :2] - 0.5
-            tap("silu#0", pre)
-            a = torch.cat([a[:, :2] + F.silu(pre), a[:, 2:]], dim=1)
-        h = self.fc2(a)
-        tap("relu#0", h)
-        return F.relu(h)
-
-
 class OneExtra(nn.Module):
     """act -> on rank 1 only: extra (ReLU6 module) -> fc2 -> F.relu (`relu#0`): rank 1's sites are a
     superset of every other rank's."""
@@ -155,7 +119,8 @@ class OneExtra(nn.Module):
         _plant_fc1(self.fc1)
         self._taps = [taps]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _act_extra(self, x: torch.Tensor) -> torch.Tensor:
+        """act (all ranks) -> on rank 1 only: extra, added to act's output."""
         tap = self._taps[0]
         a = self.act(self.fc1(x))
         tap("act", a)
@@ -163,9 +128,36 @@ class OneExtra(nn.Module):
             e = self.extra(a - 0.5)
             tap("extra", e)
             a = a + e
+        return a
+
+    def _head(self, a: torch.Tensor) -> torch.Tensor:
         h = self.fc2(a)
-        tap("relu#0", h)
+        self._taps[0]("relu#0", h)
         return F.relu(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(self._act_extra(x))
+
+
+class Branchy(OneExtra):
+    """Different site sets per rank.
+
+    act (all ranks) -> on rank 1 only: extra (ReLU6 module, called on rank 1 only) ->
+    on rank 0 only, from step 1 on: F.silu (site `silu#0`, discovered on rank 0 at step 1) ->
+    fc2 -> F.relu (site `relu#0`, all ranks).
+    """
+
+    def __init__(self, rank: int, taps: Taps):
+        super().__init__(rank, taps)
+        self.step = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self._act_extra(x)
+        if self.rank == 0 and self.step >= 1:
+            pre = a[:, :2] - 0.5
+            self._taps[0]("silu#0", pre)
+            a = torch.cat([a[:, :2] + F.silu(pre), a[:, 2:]], dim=1)
+        return self._head(a)
 
 
 class Reused(nn.Module):

@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import deadwatch
 from deadwatch import cli
 from deadwatch.analysis import HINTS
 from deadwatch.reporters import runlog
+from planted import make_net, step_figures
 
 BIN = Path(sys.executable).parent
 REPORT_FIELDS = {"step", "window", "units", "dead_fraction", "layers", "flagged"}
@@ -32,31 +31,9 @@ REPORT_FIELDS = {"step", "window", "units", "dead_fraction", "layers", "flagged"
 
 # ---- tiny MLPs with planted dead units and their reference figures ----------------------------
 
-class MLP(nn.Module):
-    def __init__(self, sizes):
-        super().__init__()
-        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
-        self.act = nn.ModuleList(nn.ReLU() for _ in sizes[1:])
-
-    def forward(self, x):
-        for fc, act in zip(self.fc, self.act):
-            x = act(fc(x))
-        return x
-
-
 def set_bias(net, layer, units, value):
     with torch.no_grad():
         net.fc[layer].bias[list(units)] = value
-
-
-def step_figures(net, x):
-    figures = {}
-    h = x
-    for i, fc in enumerate(net.fc):
-        h = F.linear(h, fc.weight, fc.bias).clamp_min(0.0)     # relu; NaN stays NaN
-        bad = ~torch.isfinite(h.amax(0))
-        figures[f"act.{i}"] = ((h > 0).sum(0).masked_fill(bad, 0).numpy(), bad.numpy())
-    return figures
 
 
 def verdict(history, step, window, warn=0.01, critical=0.10):
@@ -76,15 +53,11 @@ def verdict(history, step, window, warn=0.01, critical=0.10):
 
 def train(logdir, sizes, planted=None, changes=None, steps=20, report_every=5, window=5, seed=0):
     """Returns the expected verdict of every report (report steps 5, 10, ...), by report step."""
-    torch.manual_seed(seed)
-    net = MLP(sizes)
+    net = make_net(sizes, {}, seed)
     with torch.no_grad():
-        for i, fc in enumerate(net.fc):
-            fc.weight.normal_(0.0, 0.5)
-            fc.bias.fill_(0.3)
-            if i:  # inputs >= 0, weights >= 0, bias 1: every unit fires unless planted
-                fc.weight.abs_()
-                fc.bias.fill_(1.0)
+        for fc in net.fc[1:]:  # inputs >= 0, weights >= 0, bias 1: every unit fires unless planted
+            fc.weight.abs_()
+            fc.bias.fill_(1.0)
     for layer, (units, value) in (planted or {}).items():
         set_bias(net, layer, units, value)
     g = torch.Generator().manual_seed(seed + 1)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 pytest.register_assert_rewrite("reference")
 from reference import Fwd, Probe, check_report, compare, plant_dead, reference, run_watch  # noqa: E402
+from planted import Affine  # noqa: E402
 
 WINDOW = 3
 
@@ -601,18 +602,6 @@ def test_nan_input_flagged_nonfinite():
     report, refs = compare(m, steps, mlp_probes, window=WINDOW, count_subsample=1)
     assert report.layer("1").status == "nonfinite" and report.layer("3").status == "nonfinite"
     assert report.flagged and {layer.name for layer in report.flagged} == {"1", "3"}
-
-
-class Affine(nn.Module):
-    """x * w + b per feature: unit u sees exactly input column u."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(n))
-        self.b = nn.Parameter(torch.zeros(n))
-
-    def forward(self, x):
-        return x * self.w + self.b
 
 
 def test_nonfinite_units_never_fire_and_status_recovers():

@@ -19,57 +19,20 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import deadwatch
 from deadwatch import cli
 from deadwatch.config import load as load_config
 from deadwatch.reporters import runlog
+from planted import report_ends, watch_planted
 
 WARN, CRITICAL = 0.01, 0.10
 REPORT_FIELDS = {"step", "window", "units", "dead_fraction", "layers", "flagged"}
 LAYER_FIELDS = {"name", "kind", "units", "dead_units", "dead_fraction", "zero_fraction", "observations", "status"}
 
 
-# ---- a tiny MLP with planted dead units and its reference figures ---------------------------
-
-class MLP(nn.Module):
-    def __init__(self, sizes):
-        super().__init__()
-        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
-        self.act = nn.ModuleList(nn.ReLU() for _ in sizes[1:])
-
-    def forward(self, x):
-        for fc, act in zip(self.fc, self.act):
-            x = act(fc(x))
-        return x
-
-
-def make_net(sizes, planted, seed=0):
-    """Weights N(0, 0.5), biases 0.3; planted[i] = unit indices of layer i killed with a -1e4 bias."""
-    torch.manual_seed(seed)
-    net = MLP(sizes)
-    with torch.no_grad():
-        for i, fc in enumerate(net.fc):
-            fc.weight.normal_(0.0, 0.5)
-            fc.bias.fill_(0.3)
-            if planted.get(i):
-                fc.bias[list(planted[i])] = -1e4
-    return net
-
-
-def step_figures(net, x):
-    """Per site: (values > 0 per unit, unit-step nonfinite, values per unit), recomputed by hand."""
-    figures = {}
-    h = x
-    for i, fc in enumerate(net.fc):
-        h = F.linear(h, fc.weight, fc.bias).clamp_min(0.0)   # relu; NaN stays NaN
-        bad = ~torch.isfinite(h.amax(0))
-        counts = (h > 0).sum(0).masked_fill(bad, 0)
-        figures[f"act.{i}"] = (counts.numpy().astype(np.int64), bad.numpy(), h.shape[0])
-    return figures
-
+# ---- reference figures for the tiny MLP with planted dead units (tests/planted.py) ---------
 
 def expected_report(history, step, interval_start, window, warn=WARN, critical=CRITICAL):
     """The verdict after `step` steps from the per-step figures, straight from the definitions."""
@@ -96,26 +59,10 @@ def train(logdir, *, sizes=(4, 8, 20), planted=None, steps=23, report_every=5, w
           seed=0, reporters=("jsonl", "tensorboard"), on_report=None, **overrides):
     """Forwards (train mode, no optimiser: weights stay put) under deadwatch.watch.
     Returns (expected reports, deadwatch's own Reports taken right after each periodic report)."""
-    net = make_net(sizes, planted or {}, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    history, own = [], []
-    with deadwatch.watch(net, logdir=logdir, reporters=list(reporters), report_every=report_every,
-                         window=window, **overrides) as monitor:
-        for _ in range(steps):
-            x = torch.randn(batch, sizes[0], generator=g)
-            with torch.no_grad():
-                net(x)
-                history.append(step_figures(net, x))
-            monitor.step()
-            if monitor.steps % report_every == 0:
-                own.append(monitor.report())
-                if on_report is not None:
-                    on_report(monitor.steps)
-    if steps % report_every:
-        own.append(monitor.report())
-    ends = list(range(report_every, steps + 1, report_every))
-    if steps % report_every:
-        ends.append(steps)
+    history, own = watch_planted(logdir, sizes=sizes, planted=planted or {}, steps=steps,
+                                 report_every=report_every, window=window, batch=batch, seed=seed,
+                                 reporters=reporters, on_report=on_report, **overrides)
+    ends = report_ends(steps, report_every)
     expected = [expected_report(history, end, (end - 1) // report_every * report_every, window) for end in ends]
     return expected, own
 

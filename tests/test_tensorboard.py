@@ -22,16 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.plugins.custom_scalar import layout_pb2
-from torch import nn
 
-import deadwatch
 from deadwatch.analysis import HINTS
 from deadwatch.reporters import tensorboard as tb
+from planted import report_ends, watch_planted
 
 WARN, CRITICAL = 0.04, 0.20
 SITES = ["act.0", "act.1", "act.2"]
@@ -40,41 +37,7 @@ PLANTED = {0: [1, 5], 1: [3]}          # act.0: 2/8 critical, act.1: 1/20 warn, 
 REPORT_EVERY, STEPS, WINDOW, IMAGE_EVERY = 5, 23, 5, 2
 
 
-# ---- a tiny MLP with planted dead units and its reference figures ---------------------------
-
-class MLP(nn.Module):
-    def __init__(self, sizes):
-        super().__init__()
-        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
-        self.act = nn.ModuleList(nn.ReLU() for _ in sizes[1:])
-
-    def forward(self, x):
-        for fc, act in zip(self.fc, self.act):
-            x = act(fc(x))
-        return x
-
-
-def make_net(sizes, planted, seed=0):
-    torch.manual_seed(seed)
-    net = MLP(sizes)
-    with torch.no_grad():
-        for i, fc in enumerate(net.fc):
-            fc.weight.normal_(0.0, 0.5)
-            fc.bias.fill_(0.3)
-            if planted.get(i):
-                fc.bias[list(planted[i])] = -1e4
-    return net
-
-
-def step_figures(net, x):
-    figures = {}
-    h = x
-    for i, fc in enumerate(net.fc):
-        h = F.linear(h, fc.weight, fc.bias).clamp_min(0.0)
-        bad = ~torch.isfinite(h.amax(0))
-        figures[f"act.{i}"] = ((h > 0).sum(0).masked_fill(bad, 0).numpy().astype(np.int64), bad.numpy(), h.shape[0])
-    return figures
-
+# ---- reference figures for the tiny MLP with planted dead units (tests/planted.py) ---------
 
 def expected_report(history, step, interval_start, window, warn, critical):
     layers = {}
@@ -98,22 +61,10 @@ def expected_report(history, step, interval_start, window, warn, critical):
 
 def train(logdir, *, sizes=SIZES, planted=PLANTED, steps=STEPS, report_every=REPORT_EVERY, window=WINDOW,
           batch=16, seed=0, warn=WARN, critical=CRITICAL, **overrides):
-    net = make_net(sizes, planted, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    history, own = [], []
-    with deadwatch.watch(net, logdir=logdir, reporters=["jsonl", "tensorboard"], report_every=report_every,
-                         window=window, thresholds={"warn": warn, "critical": critical}, **overrides) as monitor:
-        for _ in range(steps):
-            x = torch.randn(batch, sizes[0], generator=g)
-            with torch.no_grad():
-                net(x)
-                history.append(step_figures(net, x))
-            monitor.step()
-            if monitor.steps % report_every == 0:
-                own.append(monitor.report())
-    if steps % report_every:
-        own.append(monitor.report())
-    ends = list(range(report_every, steps + 1, report_every)) + ([steps] if steps % report_every else [])
+    history, own = watch_planted(logdir, sizes=sizes, planted=planted, steps=steps, report_every=report_every,
+                                 window=window, batch=batch, seed=seed, reporters=["jsonl", "tensorboard"],
+                                 thresholds={"warn": warn, "critical": critical}, **overrides)
+    ends = report_ends(steps, report_every)
     expected = [expected_report(history, end, (end - 1) // report_every * report_every, window, warn, critical)
                 for end in ends]
     return expected, own

@@ -20,23 +20,12 @@ import deadwatch
 
 pytest.register_assert_rewrite("reference")
 from reference import Probe, check_report, reference, run_watch  # noqa: E402
+from planted import Affine  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-class Affine(nn.Module):
-    """x * w + b per feature: unit u of the ReLU sees exactly input column u."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(n))
-        self.b = nn.Parameter(torch.zeros(n))
-
-    def forward(self, x):
-        return x * self.w + self.b
 
 
 def unit_net(n):
