@@ -188,6 +188,7 @@ class _FunctionPatch:
         self.captures: list[Capture] = []
         self.originals: dict[tuple[int, str], tuple[Any, Callable]] = {}
         self.wrappers: dict[int, Callable] = {}  # id(original function) -> its wrapper
+        self.imported: dict[tuple[int, str], tuple[dict, Any]] = {}  # names imported into model code, swapped
         self.busy = False  # F.relu calls torch.relu: count the outer call only
 
     def attach(self, capture: Capture) -> None:
@@ -207,8 +208,11 @@ class _FunctionPatch:
         if not self.captures:
             for (_, attr), (ns, original) in self.originals.items():
                 setattr(ns, attr, original)
+            for (_, name), (namespace, original) in self.imported.items():
+                namespace[name] = original
             self.originals.clear()
             self.wrappers.clear()
+            self.imported.clear()
             self.busy = False
 
     def _wrap(self, fn_name: str, original: Callable) -> Callable:
@@ -302,18 +306,25 @@ class Capture:
             wrapper = _PATCH.wrappers.get(id(value)) if callable(value) else None
             return wrapper if getattr(wrapper, "__deadwatch_original__", None) is value else None
 
-        namespaces = {}
+        # Python modules may define classes of several watched models: their names go back when the
+        # last monitor closes (the patch does it); module attributes go back when this one does.
+        code_modules, instances = {}, []
         for module in self.model.modules():
             for cls in type(module).__mro__:
                 if not cls.__module__.startswith(("torch.", "builtins")) and cls.__module__ in sys.modules:
-                    namespaces[cls.__module__] = vars(sys.modules[cls.__module__])
+                    code_modules[cls.__module__] = vars(sys.modules[cls.__module__])
             if not is_activation(module):
-                namespaces[id(module)] = vars(module)
-        for namespace in namespaces.values():
-            for name, value in list(namespace.items()):
-                replacement = wrapped(value)
-                if replacement is not None:
-                    self.swapped.append((namespace, name, value))
+                instances.append(vars(module))
+        for shared, namespaces in ((True, code_modules.values()), (False, instances)):
+            for namespace in namespaces:
+                for name, value in list(namespace.items()):
+                    replacement = wrapped(value)
+                    if replacement is None:
+                        continue
+                    if shared:
+                        _PATCH.imported[(id(namespace), name)] = (namespace, value)
+                    else:
+                        self.swapped.append((namespace, name, value))
                     namespace[name] = replacement
 
     def detach(self) -> None:

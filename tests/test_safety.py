@@ -627,3 +627,29 @@ def test_reporter_failing_on_close_does_not_raise():
     assert any(issubclass(w.category, RuntimeWarning) and "cannot flush" in str(w.message) for w in caught)
     assert deadwatch.capture.active_function_patches() == 0
     assert all(not m._forward_hooks for m in model.modules())
+
+
+from torch.nn.functional import gelu as _imported_gelu  # noqa: E402  (a name imported by model code)
+
+
+class _ImportedGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return _imported_gelu(self.fc(x))
+
+
+def test_imported_name_stays_watched_until_the_last_monitor_closes():
+    original = _imported_gelu
+    a, b = _ImportedGelu(), _ImportedGelu()
+    ma, mb = deadwatch.watch(a, reporters=[]), deadwatch.watch(b, reporters=[])
+    ma.close()
+    b(torch.randn(3, 4))
+    mb.step()
+    assert [layer.name for layer in mb.report().layers] == ["gelu#0"]
+    assert globals()["_imported_gelu"] is not original  # still the wrapper while mb watches
+    mb.close()
+    assert globals()["_imported_gelu"] is original
+    assert deadwatch.capture.active_function_patches() == 0
