@@ -3,7 +3,9 @@
 Every site's counters are views into a few flat buffers per device, so folding a
 training step and taking a report cost a handful of ops however many sites
 there are. The hook path (record) never reads a value on the host; snapshot()
-is the one place counters leave the device: one buffer, one collective, one copy.
+is the one place counters leave the device: a single CPU process reads them in
+place; otherwise one packed buffer, one data all_reduce (after a 2-number layout
+check under torch.distributed) and one device->host copy.
 
 Buffers are grouped by device and by the dtype the site's output had when first seen, so a
 float64 site keeps its full range and a bf16 site compares in bf16, as its counts do.
@@ -29,8 +31,6 @@ from .errors import DeadwatchError
 
 if TYPE_CHECKING:
     from .capture import Site
-
-
 
 EXACT_FLOAT32 = 1 << 24  # a float32 sum of 0/1 values is exact below this many values
 
