@@ -235,6 +235,16 @@ def test_fail_on(runs, capsys, run, level, site, code):
 
 # ---- compare ----------------------------------------------------------------------------------
 
+def dead_cells(row):
+    """A compare row's "dead" cells, one per run that has the site."""
+    return [c for c in row.values() if re.fullmatch(r"\d+ \(\d+\.\d%\)", c)]
+
+
+def dead_cell(layer):
+    """What the "dead" cell should read for a layer of the reference."""
+    return f"{len(layer['dead_units'])} ({100 * layer['dead_fraction']:.1f}%)"
+
+
 def test_compare(runs, capsys):
     a, ea = runs["trend"]
     b, eb = runs["clean"]
@@ -243,12 +253,9 @@ def test_compare(runs, capsys):
     _, rows = table(out)
     assert list(rows) == ["act.0", "act.1", "act.2"]
     for site, row in rows.items():
-        cells = list(row.values())
         la, lb = ea[20][site], eb[20][site]
-        dead_cells = [c for c in cells if re.fullmatch(r"\d+ \(\d+\.\d%\)", c)]
-        assert dead_cells == [f"{len(la['dead_units'])} ({100 * la['dead_fraction']:.1f}%)",
-                              f"{len(lb['dead_units'])} ({100 * lb['dead_fraction']:.1f}%)"], row
-        statuses = [c for c in cells if c in ("ok", "warn", "critical", "nonfinite")]
+        assert dead_cells(row) == [dead_cell(la), dead_cell(lb)], row
+        statuses = [c for c in row.values() if c in ("ok", "warn", "critical", "nonfinite")]
         assert statuses == [la["status"], lb["status"]]
 
 
@@ -259,14 +266,9 @@ def test_compare_runs_with_different_sites(runs, capsys):
     assert code == 0
     _, rows = table(out)
     assert list(rows) == ["act.0", "act.1", "act.2"]
-
-    def dead_cells(row):
-        return [c for c in row.values() if re.fullmatch(r"\d+ \(\d+\.\d%\)", c)]
-
-    assert dead_cells(rows["act.0"]) == [f"{len(e[20]['act.0']['dead_units'])} ({100 * e[20]['act.0']['dead_fraction']:.1f}%)"
-                                         for e in (ea, eb)]
+    assert dead_cells(rows["act.0"]) == [dead_cell(e[20]["act.0"]) for e in (ea, eb)]
     for site in ("act.1", "act.2"):   # only in A
-        assert dead_cells(rows[site]) == [f"{len(ea[20][site]['dead_units'])} ({100 * ea[20][site]['dead_fraction']:.1f}%)"]
+        assert dead_cells(rows[site]) == [dead_cell(ea[20][site])]
 
 
 # ---- usage and input errors ------------------------------------------------------------------
