@@ -221,20 +221,35 @@ class _FunctionPatch:
         @functools.wraps(original)
         @torch.compiler.disable
         def activation(*args: Any, **kwargs: Any) -> Any:
-            if patch.busy or not any(c.depth for c in patch.captures):
+            if patch.busy or not patch.captures:
                 return original(*args, **kwargs)
             patch.busy = True
             try:
                 out = original(*args, **kwargs)
             finally:
                 patch.busy = False
-            for capture in patch.captures:
-                if capture.depth and fn_name in capture.functions:
-                    capture.on_function(fn_name, out, args, kwargs, sys._getframe(1))
+            module = calling_module(sys._getframe(1))
+            if module is not None and not is_activation(module):  # F.relu inside nn.ReLU: the module's own site
+                for capture in patch.captures:
+                    if fn_name in capture.functions and id(module) in capture.paths:
+                        capture.on_function(fn_name, out, module, args, kwargs)
             return out
 
         activation.__deadwatch_original__ = original  # type: ignore[attr-defined]
         return activation
+
+
+def calling_module(frame: Any) -> nn.Module | None:
+    """The module whose method (forward, or a helper it calls) is nearest on the stack: the function's
+    owner. Only that module counts, so another model called inside a watched forward is not watched."""
+    while frame is not None:
+        code = frame.f_code  # only methods can have a module as `self`: skip the rest without f_locals
+        if code.co_argcount and code.co_varnames[0] == "self":
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, nn.Module):
+                return obj
+        frame = frame.f_back
+    return None
 
 
 _PATCH = _FunctionPatch()
@@ -256,12 +271,12 @@ class Capture:
         self.functions = frozenset(config.functions)
         self.registry = counters
         self.step = step
-        self.depth = 0                     # > 0 while the model's forward runs
+        self.depth = 0                     # > 0 while a forward of one of the model's modules runs
         self.active = True                 # False on the steps watch_every skips
         self.calls: dict[Any, int] = {}    # calls per module / (module, function) in this forward
+                                           # (since the outermost module call began)
         self.sites: dict[Any, Site | None] = {}   # None: seen, but include/exclude says no
         self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
-        self.activation_code: set[Any] = set()        # code of activation modules' forward: skip fast
         self.thresholds: dict[int, float] = {}        # id(activation module) -> its output at 0
         self.handles: list[Any] = []
         self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
@@ -282,11 +297,13 @@ class Capture:
                 self.paths[id(module)] = (path, act)
                 _WATCHED.add(module)
                 if act:
-                    self.activation_code.add(type(module).forward.__code__)
                     self.thresholds[id(module)] = module_threshold(module)
                     self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
-            self.handles.append(self.model.register_forward_pre_hook(self._enter))
-            self.handles.append(self.model.register_forward_hook(self._leave, always_call=True))
+                elif module is self.model or _may_call_activations(module):
+                    # A forward starts when the loop calls any of these, not only the root: a Lightning
+                    # training_step calls self.net(x), a VAE loop model.encoder(x).
+                    self.handles.append(module.register_forward_pre_hook(self._enter))
+                    self.handles.append(module.register_forward_hook(self._leave, always_call=True))
             if self.functions:
                 _PATCH.attach(self)
                 self._swap_stored_functions()
@@ -359,6 +376,8 @@ class Capture:
     def _on_module(self, path: str, module: nn.Module, args: Any, out: Any) -> None:
         if not self.active or _in_backward():  # recomputation of a checkpointed segment: already counted in forward
             return
+        if self.depth == 0:  # called by the loop itself, outside any forward of the model: a forward of its own
+            self.calls.clear()
         key = id(module)
         call = self.calls.get(key, 0)
         self.calls[key] = call + 1
@@ -376,15 +395,13 @@ class Capture:
         if site is not None:
             stats.record(site, out)
 
-    def on_function(self, fn_name: str, out: Any, args: tuple, kwargs: dict, frame: Any) -> None:
+    def on_function(self, fn_name: str, out: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """An activation function called by a method of `module`, one of this model's modules."""
         if not self.active or _in_backward() or not isinstance(out, torch.Tensor):
             return
-        owner = self._owner(frame)
-        if owner is None:
-            return
-        module, path, is_act = owner
-        if is_act:  # F.relu inside nn.ReLU.forward: the module's own site
-            return
+        if self.depth == 0:  # e.g. F.relu in a LightningModule's training_step: a forward of its own
+            self.calls.clear()
+        path = self.paths[id(module)][0]
         key = (id(module), fn_name)
         call = self.calls.get(key, 0)
         self.calls[key] = call + 1
@@ -398,20 +415,6 @@ class Capture:
             site = self._new_site(site_key, (name,), fn_name, fire_threshold(fn_name, beta), out, module)
         if site is not None:
             stats.record(site, out)
-
-    def _owner(self, frame: Any) -> tuple[nn.Module, str, bool] | None:
-        """The module of this model whose forward (directly or through helpers) called the function."""
-        while frame is not None:
-            code = frame.f_code  # only methods can have a module as `self`: skip the rest without f_locals
-            if code in self.activation_code:  # nn.ReLU.forward calling F.relu: the module's own site
-                return None
-            obj = frame.f_locals.get("self") if code.co_argcount and code.co_varnames[0] == "self" else None
-            if isinstance(obj, nn.Module):
-                found = self.paths.get(id(obj))
-                if found is not None:
-                    return obj, found[0], found[1]
-            frame = frame.f_back
-        return None
 
     # -- sites
     def _wanted(self, names: tuple[str, ...]) -> bool:
@@ -478,6 +481,11 @@ def display(raw: str, multi: set[str], root: str) -> str:
         return raw[2:]
     path, call = raw[2:].rsplit("|", 1)  # a ModuleDict key may hold "|": the call number is after the last
     return f"{path}#{call}" if path in multi else (path or root)
+
+
+def _may_call_activations(module: nn.Module) -> bool:
+    """Containers and modules of user code; torch.nn's leaf layers (Linear, Conv, norms) call no activation."""
+    return next(module.children(), None) is not None or not type(module).__module__.startswith("torch.")
 
 
 def _in_backward() -> bool:

@@ -55,7 +55,10 @@ def _read(run_dir: str, console: Console) -> runlog.RunLog:
         log = runlog.read(run_dir, progress)
     if caught:
         console.print(Text(f"warning: {log.path}: skipped {len(caught)} torn or corrupt line(s)", style="yellow"))
-    return log
+    if log.earlier_runs:
+        console.print(Text(f"note: {log.path} holds {log.earlier_runs + 1} runs (a new run was started in the same "
+                           f"logdir); showing the latest only", style="yellow"))
+    return log.latest()
 
 
 def _select(report: Report, pattern: str | None) -> Report:

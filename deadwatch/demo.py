@@ -83,6 +83,15 @@ def train(name: str, make: Callable[[], tuple[nn.Module, float]], x: torch.Tenso
     return monitor.report()
 
 
+def _clear(logdir: str) -> None:
+    """The demo starts its runs afresh: remove what an earlier demo wrote there (its run log and event files)."""
+    if not os.path.isdir(logdir):
+        return
+    for name in os.listdir(logdir):
+        if name == "deadwatch.jsonl" or name.startswith("events.out.tfevents."):
+            os.remove(os.path.join(logdir, name))
+
+
 def run(logdir: str | None = None) -> dict[str, object]:
     """Train both networks; returns their final reports by name."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -90,5 +99,7 @@ def run(logdir: str | None = None) -> dict[str, object]:
     print(f"data: {source}; {STEPS} steps of batch {BATCH}, window 50 steps")
     reports = {}
     for name, make in (("healthy", healthy), ("dying", dying)):
+        if logdir:
+            _clear(os.path.join(logdir, name))
         reports[name] = train(name, make, x, y, os.path.join(logdir, name) if logdir else None)
     return reports

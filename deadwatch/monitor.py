@@ -35,6 +35,9 @@ class Monitor:
         self.steps = 0                     # completed training steps (calls of step())
         self._reported_step = 0            # step of the last periodic report
         self._closed = False
+        self._warned_no_step = False
+        self._resumed = False              # load_state_dict() was called: the run log marks the run resumed
+        self._used_logdir = False          # the logdir held an earlier run when watch() was called
         self._registry = stats.Registry()
         self._capture = Capture(model, config, self._registry, lambda: self.steps)
         names = self._reporter_names()      # checked on every rank, so no rank trains on alone
@@ -50,6 +53,12 @@ class Monitor:
         """Mark the end of one training step; every report_every steps, report."""
         if self._closed:
             raise RuntimeError("deadwatch: step() called on a closed monitor")
+        if self._used_logdir and not self._resumed:  # asked at the first step: load_state_dict() comes after watch()
+            self._used_logdir = False
+            warnings.warn(f"deadwatch: logdir {self.logdir!r} already holds a run; the run log starts a new run "
+                          f"there ('deadwatch summary' shows the latest), but TensorBoard will overlay both runs' "
+                          f"curves. Use a new logdir, or call monitor.load_state_dict() to continue that run",
+                          RuntimeWarning, stacklevel=2)
         self._registry.fold(self.steps)
         self.steps += 1
         self._capture.new_step(self.steps)
@@ -58,6 +67,7 @@ class Monitor:
 
     def report(self) -> analysis.Report:
         """The verdict now; resets nothing. Collective under torch.distributed."""
+        self._warn_if_no_step()
         figures = self._registry.snapshot(self._capture.layout(), self.steps, self.config.window)
         names = self._capture.names([f.name for f in figures])  # final names, once the ranks agree on sites
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
@@ -79,15 +89,21 @@ class Monitor:
         self._registry.reset_pending = state["interval_reset_pending"]
         self._capture.load(state["sites"])
         self._capture.new_step(self.steps)
+        self._resumed = True
 
-    def close(self) -> None:
-        """Report the steps not yet reported, remove every hook, close the reporters. Idempotent."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Report the steps not yet reported, remove every hook, close the reporters. Idempotent.
+
+        With `error` (the training loop failed), no final collective report is made: other ranks
+        may never get there."""
         if self._closed:
             return
         self._closed = True
         try:
-            if self.steps > self._reported_step:
-                self._periodic_report()
+            if error is None:
+                self._warn_if_no_step()
+                if self.steps > self._reported_step:
+                    self._periodic_report()
         finally:
             self._capture.detach()
             self._close_reporters()
@@ -96,17 +112,16 @@ class Monitor:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        # The loop failed: no collective now (other ranks may not get here), just let go of the model.
-        if self._closed:
-            return
-        self._closed = True
-        self._capture.detach()
-        self._close_reporters()
+        self.close(error=exc if exc_type is not None else None)
 
     # -- internals
+    def _warn_if_no_step(self) -> None:
+        if self.steps == 0 and self._registry.sites and not self._warned_no_step:
+            self._warned_no_step = True
+            warnings.warn("deadwatch: the model ran forwards but no training step was completed, so nothing "
+                          "is judged yet: call monitor.step() once per training step, after optimizer.step()",
+                          RuntimeWarning, stacklevel=3)
+
     def _periodic_report(self) -> None:
         report = self.report()
         self._reported_step = self.steps
@@ -150,6 +165,7 @@ class Monitor:
                 raise ConfigError(f"logdir {self.logdir!r} cannot be created: {e.strerror}") from None
             if not os.access(self.logdir, os.W_OK):
                 raise ConfigError(f"logdir {self.logdir!r} is not writable")
+            self._used_logdir = _rank() == 0 and _holds_a_run(self.logdir)
         return names
 
     def _make_reporters(self, names: list[str]) -> list[Any]:
@@ -164,6 +180,11 @@ class Monitor:
                 raise ConfigError(f"logdir {self.logdir!r} cannot be written: {e.strerror or e}") from None
             raise
         return reporters
+
+
+def _holds_a_run(logdir: str) -> bool:
+    from .reporters.runlog import FILENAME
+    return any(name == FILENAME or name.startswith("events.out.tfevents.") for name in os.listdir(logdir))
 
 
 def _check_state(state: Any) -> None:
@@ -198,6 +219,6 @@ def _reporter(name: str, monitor: Monitor) -> Any:
         return ConsoleReporter()
     if name == "jsonl":
         from .reporters.runlog import RunLogReporter
-        return RunLogReporter(monitor.logdir, monitor.config)
+        return RunLogReporter(monitor.logdir, monitor.config, resumed=lambda: monitor._resumed)
     from .reporters.tensorboard import TensorBoardReporter
     return TensorBoardReporter(monitor.logdir, monitor.config)

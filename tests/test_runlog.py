@@ -340,20 +340,25 @@ def test_corrupt_line_in_the_middle_is_skipped(tmp_path, capsys, kind, where):
 
 # ---- restarted runs -------------------------------------------------------------------------
 
-def test_restarted_run_appends_with_a_resumed_header(tmp_path):
+def test_new_run_in_a_used_logdir_appends_a_new_run(tmp_path):
+    """A second run (no load_state_dict) in the same logdir: a header that is not `resumed`, a warning
+    that TensorBoard will overlay the runs, and readers take the latest run only."""
     first, _ = train(tmp_path, planted={0: [1]}, steps=10, report_every=5, reporters=["jsonl"], count_subsample=1)
-    second, _ = train(tmp_path, planted={0: [1, 2, 3]}, steps=7, report_every=5, reporters=["jsonl"],
-                      count_subsample=1)
+    with pytest.warns(RuntimeWarning, match="already holds a run.*TensorBoard will overlay"):
+        second, _ = train(tmp_path, planted={0: [1, 2, 3]}, steps=7, report_every=5, reporters=["jsonl"],
+                          count_subsample=1)
     records = [json.loads(line) for line in lines_of(tmp_path / runlog.FILENAME)]
     assert [r["type"] for r in records] == ["header", "report", "report", "header", "report", "report"]
     assert records[0]["resumed"] is False
-    assert records[3]["resumed"] is True
+    assert records[3]["resumed"] is False
     for record, exp in zip(records[1:3] + records[4:], first + second):
         check_record(record, exp)
 
     log = runlog.read(str(tmp_path))
-    assert [h["resumed"] for h in log.headers] == [False, True]
+    assert [h["resumed"] for h in log.headers] == [False, False]
     assert [r.step for r in log.reports] == [5, 10, 5, 7]
+    assert log.earlier_runs == 1
+    assert [r.step for r in log.latest().reports] == [5, 7]
     assert log.last.layer("act.0").dead_units == [1, 2, 3]
 
 
@@ -365,13 +370,15 @@ def test_restart_after_a_torn_last_line_keeps_the_new_header_and_reports(tmp_pat
     data = path.read_bytes()
     last_start = data.rstrip(b"\n").rfind(b"\n") + 1
     path.write_bytes(data[:last_start + (len(data) - last_start) // 2])
-    second, _ = train(tmp_path, planted={0: [4]}, steps=10, report_every=5, reporters=["jsonl"], count_subsample=1)
+    with pytest.warns(RuntimeWarning, match="already holds a run"):
+        second, _ = train(tmp_path, planted={0: [4]}, steps=10, report_every=5, reporters=["jsonl"], count_subsample=1)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         log = runlog.read(str(tmp_path))
     assert log.skipped == 1 and len(caught) == 1
-    assert [h["resumed"] for h in log.headers] == [False, True]
+    assert [h["resumed"] for h in log.headers] == [False, False]
     assert [r.step for r in log.reports] == [5, 5, 10]
+    assert [r.step for r in log.latest().reports] == [5, 10]
     for record, exp in zip(log.records, first[:1] + second):
         check_record(record, exp)

@@ -1,8 +1,11 @@
 """The run log: <logdir>/deadwatch.jsonl, one JSON object per line, the CLI's source of truth.
 
-The first record of a run (and of each resumed run) is a header:
+The first record of a run is a header, written with the run's first report:
     {"type": "header", "started": ISO time, "deadwatch": version, "torch": version,
      "config": {...}, "resumed": bool}
+`resumed` is true when the monitor continued a checkpoint (load_state_dict) and false for a new
+run. A new run may write into a logdir that holds earlier ones: readers take the latest run to be
+the records since the last header that is not `resumed`.
 then one record per report:
     {"type": "report", "time": ISO time, **Report.to_dict(), "firing_rate": {site: [per-unit rate]}}
 Per-unit firing rates are written for sites of at most FIRING_RATE_CAP units (wider sites
@@ -31,17 +34,24 @@ def _now() -> str:
 
 
 class RunLogReporter:
-    def __init__(self, logdir: str, config: Config):
+    def __init__(self, logdir: str, config: Config, resumed: Callable[[], bool] = lambda: False):
+        self.path = os.path.join(logdir, FILENAME)
+        self.config = config
+        self.resumed = resumed  # asked at the first report: load_state_dict() comes after watch()
+        self.started = _now()
+        self.header_written = False
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0 and not _ends_with_newline(self.path):
+            self._append("\n")  # a killed run left half a line: end it, so the new header starts a line of its own
+        else:
+            self._append("")  # fail now, in watch(), if the file cannot be written
+
+    def _header(self) -> dict[str, Any]:
         import torch
 
         from .. import __version__
 
-        self.path = os.path.join(logdir, FILENAME)
-        resumed = os.path.exists(self.path) and os.path.getsize(self.path) > 0
-        if resumed and not _ends_with_newline(self.path):
-            self._append("\n")  # a killed run left half a line: end it, so the new header starts a line of its own
-        self._write({"type": "header", "started": _now(), "deadwatch": __version__, "torch": torch.__version__,
-                     "config": config.to_dict(), "resumed": resumed})
+        return {"type": "header", "started": self.started, "deadwatch": __version__, "torch": torch.__version__,
+                "config": self.config.to_dict(), "resumed": bool(self.resumed())}
 
     def _append(self, text: str) -> None:
         # Opened for each record: a vanished or read-only logdir shows up as an error here, not as lost data.
@@ -55,6 +65,9 @@ class RunLogReporter:
         rates = {layer.name: [round(float(r), 6) for r in layer.firing_rate]
                  for layer in report.layers
                  if layer.firing_rate is not None and layer.units <= FIRING_RATE_CAP}
+        if not self.header_written:
+            self._write(self._header())
+            self.header_written = True
         self._write({"type": "report", "time": _now(), **report.to_dict(), "firing_rate": rates})
 
     def close(self) -> None:
@@ -70,11 +83,22 @@ def _ends_with_newline(path: str) -> bool:
 class RunLog:
     """What a run log holds: the headers and the reports, in file order."""
 
-    def __init__(self, path: str, headers: list[dict], records: list[dict], skipped: int):
+    def __init__(self, path: str, headers: list[dict], records: list[dict], skipped: int, starts: list[int]):
         self.path = path
         self.headers = headers
         self.records = records
         self.skipped = skipped
+        self.starts = starts  # index in records where each new (not resumed) run begins
+
+    def latest(self) -> RunLog:
+        """The latest run: the reports since the last header that is not `resumed`."""
+        start = max([s for s in self.starts if s < len(self.records)], default=0)
+        return RunLog(self.path, self.headers, self.records[start:], self.skipped, [0])
+
+    @property
+    def earlier_runs(self) -> int:
+        """Runs in this log before the latest one."""
+        return sum(1 for s in self.starts if 0 < s < len(self.records))
 
     @property
     def reports(self) -> list[Report]:
@@ -103,7 +127,7 @@ def find(run_dir: str) -> str:
 def read(run_dir: str, progress: Callable[[Iterator[str], int], Iterator[str]] | None = None) -> RunLog:
     """Read a run log; torn or corrupt lines are skipped with a warning."""
     path = find(run_dir)
-    headers, records, skipped = [], [], 0
+    headers, records, skipped, starts = [], [], 0, []
     try:
         size = os.path.getsize(path)
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -124,10 +148,15 @@ def read(run_dir: str, progress: Callable[[Iterator[str], int], Iterator[str]] |
                     skipped += 1
                     warnings.warn(f"{path}:{number}: skipped a torn or corrupt record", RuntimeWarning, stacklevel=2)
                     continue
-                (headers if kind == "header" else records).append(record)
+                if kind == "header":
+                    headers.append(record)
+                    if not record.get("resumed") and (not starts or starts[-1] != len(records)):
+                        starts.append(len(records))
+                else:
+                    records.append(record)
     except OSError as e:
         raise RunLogError(f"{path}: cannot be read: {e.strerror}") from None
     if not records:
         raise RunLogError(f"{path}: holds no report yet (the monitor writes one every report_every steps and at close)")
-    return RunLog(path, headers, records, skipped)
+    return RunLog(path, headers, records, skipped, starts)
 
