@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Config
-from .stats import Figures
+if TYPE_CHECKING:
+    from .config import Config
+    from .stats import Figures
 
-OK, WARN, CRITICAL, NONFINITE = "ok", "warn", "critical", "nonfinite"
-STATUSES = (OK, WARN, CRITICAL, NONFINITE)
+OK, WARN, CRITICAL, NONFINITE, IDLE = "ok", "warn", "critical", "nonfinite", "idle"
+STATUSES = (OK, WARN, CRITICAL, NONFINITE, IDLE)
 
 HINTS = {
     WARN: "some units stopped firing; if it grows: lower the LR, check for biases drifting negative",
@@ -19,6 +20,7 @@ HINTS = {
               "Try a lower LR, He init, LeakyReLU/ELU, normalisation",
     NONFINITE: "NaN/inf output: training likely diverged; lower the LR, clip gradients, check inputs and AMP scaling",
 }
+STYLES = {OK: "green", WARN: "yellow", CRITICAL: "bold red", NONFINITE: "bold magenta", IDLE: "dim"}
 
 
 @dataclass
@@ -29,7 +31,7 @@ class LayerReport:
     kind: str
     units: int
     dead_units: list[int]
-    dead_fraction: float
+    dead_fraction: float | None   # None when idle: the site ran no counted forward in the window
     zero_fraction: float | None   # None when the site ran no counted forward in the interval
     observations: int
     status: str
@@ -53,9 +55,11 @@ class Report:
     window: int
     layers: list[LayerReport]
 
+    error: str | None = None   # the training loop ended with this exception (the final report only)
+
     @property
     def flagged(self) -> list[LayerReport]:
-        return [layer for layer in self.layers if layer.status != OK]
+        return [layer for layer in self.layers if layer.status not in (OK, IDLE)]
 
     @property
     def units(self) -> int:
@@ -63,8 +67,8 @@ class Report:
 
     @property
     def dead_fraction(self) -> float:
-        """Dead units over all units of all sites."""
-        units = self.units
+        """Dead units over the units of the sites that ran in the window (not idle)."""
+        units = sum(layer.units for layer in self.layers if layer.status != IDLE)
         return sum(len(layer.dead_units) for layer in self.layers) / units if units else 0.0
 
     def layer(self, name: str) -> LayerReport:
@@ -74,7 +78,7 @@ class Report:
         raise KeyError(f"no site {name!r}; sites: {', '.join(layer.name for layer in self.layers)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "step": self.step,
             "window": self.window,
             "units": self.units,
@@ -82,19 +86,19 @@ class Report:
             "layers": [layer.to_dict() for layer in self.layers],
             "flagged": [layer.name for layer in self.flagged],
         }
+        if self.error is not None:
+            d["error"] = self.error
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
         layers = [LayerReport(**{k: layer[k] for k in LayerReport.__dataclass_fields__ if k in layer})
                   for layer in d["layers"]]
-        return cls(step=d["step"], window=d["window"], layers=layers)
-
-    def __rich__(self) -> Any:
-        from .reporters.console import render
-        return render(self)
+        return cls(step=d["step"], window=d["window"], layers=layers, error=d.get("error"))
 
 
 def status(dead_fraction: float, nonfinite: bool, config: Config) -> str:
+    """The status of a site that ran in the window."""
     if nonfinite:
         return NONFINITE
     if dead_fraction >= config.critical:
@@ -105,10 +109,12 @@ def status(dead_fraction: float, nonfinite: bool, config: Config) -> str:
 
 
 def layer_report(figures: Figures, config: Config) -> LayerReport:
-    """One site's verdict from its merged figures."""
+    """One site's verdict from its merged figures. A site that ran no counted forward in the window is
+    idle: not running is no evidence of dead units."""
     units = figures.alive.size
-    dead = np.flatnonzero(~figures.alive).tolist() if figures.judged else []
-    dead_fraction = len(dead) / units if units else 0.0
+    idle = figures.judged and figures.idle
+    dead = np.flatnonzero(~figures.alive).tolist() if figures.judged and not idle else []
+    dead_fraction = None if idle else len(dead) / units if units else 0.0
     obs = figures.observations
     rate = figures.fired / obs if obs else None
     return LayerReport(
@@ -119,6 +125,6 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
         dead_fraction=dead_fraction,
         zero_fraction=float(1.0 - rate.mean()) if rate is not None and units else None,
         observations=obs,
-        status=status(dead_fraction, figures.judged and figures.nonfinite, config),
+        status=IDLE if idle else status(dead_fraction, figures.judged and figures.nonfinite, config),
         firing_rate=rate,
     )

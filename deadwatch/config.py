@@ -31,7 +31,7 @@ class Config:
     report_every: int
     warn: float
     critical: float
-    reporters: tuple[str, ...]
+    reporters: tuple[Any, ...]   # names (REPORTERS) and reporter objects (emit(report), close())
     image_every: int
     include: tuple[str, ...]
     exclude: tuple[str, ...]
@@ -48,7 +48,7 @@ class Config:
             "window": self.window,
             "report_every": self.report_every,
             "thresholds": {"warn": self.warn, "critical": self.critical},
-            "reporters": list(self.reporters),
+            "reporters": [r if isinstance(r, str) else type(r).__name__ for r in self.reporters],
             "image_every": self.image_every,
             "include": list(self.include),
             "exclude": list(self.exclude),
@@ -81,6 +81,8 @@ def load(config: str | os.PathLike | Mapping | None = None, **overrides: Any) ->
                     if sub not in ("warn", "critical"):
                         raise ConfigError(f"unknown config key 'thresholds.{sub}'; allowed: thresholds.warn, thresholds.critical")
                 merged["thresholds"] = {**merged["thresholds"], **value}
+            elif key == "reporters" and isinstance(value, (list, tuple)):
+                merged[key] = list(value)  # reporter objects are the caller's: not copied
             else:
                 merged[key] = copy.deepcopy(value)
             given.add(key)
@@ -144,6 +146,26 @@ def _names(key: str, value: Any, allowed: tuple[str, ...] | None = None) -> tupl
     return tuple(value)
 
 
+def _reporters(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"reporters must be a list, got {value!r}")
+    for item in value:
+        if isinstance(item, str):
+            if item not in REPORTERS:
+                raise ConfigError(f"reporters has {item!r}; allowed: {', '.join(REPORTERS)}, "
+                                  f"or an object with emit(report) and close()")
+        elif not (callable(getattr(item, "emit", None)) and callable(getattr(item, "close", None))):
+            raise ConfigError(f"reporters has {item!r}, which is neither a reporter name ({', '.join(REPORTERS)}) "
+                              f"nor an object with emit(report) and close()")
+    out: list[Any] = []
+    for item in value:  # a name or object listed twice reports once
+        if not any(item is o or (isinstance(item, str) and item == o) for o in out):
+            out.append(item)
+    return tuple(out)
+
+
 def _regex(key: str, pattern: str) -> None:
     try:
         re.compile(pattern)
@@ -175,7 +197,7 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         report_every=_int("report_every", m["report_every"]),
         warn=warn,
         critical=critical,
-        reporters=tuple(dict.fromkeys(_names("reporters", m["reporters"], REPORTERS))),
+        reporters=_reporters(m["reporters"]),
         image_every=_int("image_every", m["image_every"]),
         include=_names("include", m["include"]),
         exclude=_names("exclude", m["exclude"]),

@@ -2,46 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import analysis, config as config_mod, stats
+from . import analysis, config as config_mod, stats, sync
 from .capture import Capture
 from .config import FILE_REPORTERS, Config
-from .errors import ConfigError
+from .errors import ConfigError, DeadwatchError
+from .reporters import Reporter
 
 
-def watch(model: nn.Module, config: str | os.PathLike | Mapping | None = None,
+def watch(model: nn.Module, config: Config | str | os.PathLike | Mapping | None = None,
           logdir: str | os.PathLike | None = None, **overrides: Any) -> Monitor:
     """Start watching `model`'s activations. Call monitor.step() once per training step."""
-    return Monitor(model, config_mod.load(config, **overrides), logdir)
+    return Monitor(model, config, logdir, **overrides)
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return torch.distributed.get_rank() if sync.distributed() else 0
+
+
+class LoadResult(NamedTuple):
+    """What load_state_dict() could not match yet, like nn.Module.load_state_dict's incompatible keys."""
+
+    unmatched: list[str]  # saved sites that have not run yet: restored when they first run
+    new: list[str]        # sites that have run and had nothing saved: they start afresh
 
 
 class Monitor:
-    def __init__(self, model: nn.Module, config: Config, logdir: str | os.PathLike | None = None):
+    """Watches one model; `deadwatch.watch(...)` is the same call."""
+
+    def __init__(self, model: nn.Module, config: Config | str | os.PathLike | Mapping | None = None,
+                 logdir: str | os.PathLike | None = None, **overrides: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"deadwatch.watch() needs a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(config, Config):
+            if overrides:
+                raise ConfigError("pass keyword overrides with a config file or mapping, not with a Config object")
+        else:
+            config = config_mod.load(config, **overrides)
         self.config = config
-        self.logdir = os.fspath(logdir) if logdir is not None else None
+        self.logdir = os.path.expanduser(os.fspath(logdir)) if logdir is not None else None
         self.steps = 0                     # completed training steps (calls of step())
         self._reported_step = 0            # step of the last periodic report
         self._closed = False
         self._warned_no_step = False
         self._resumed = False              # load_state_dict() was called: the run log marks the run resumed
+        self._strict_pending = False       # load_state_dict(strict=True): unmatched sites raise at the next report
         self._used_logdir = False          # the logdir held an earlier run when watch() was called
         self._registry = stats.Registry()
         self._capture = Capture(model, config, self._registry, lambda: self.steps)
-        names = self._reporter_names()      # checked on every rank, so no rank trains on alone
-        self._reporters = self._make_reporters(names) if _rank() == 0 else []
+        specs = self._reporter_specs()      # checked on every rank, so no rank trains on alone
+        self._reporters: list[Reporter] = self._make_reporters(specs) if _rank() == 0 else []
         try:
             self._capture.attach()
         except BaseException:
@@ -53,49 +70,76 @@ class Monitor:
         """Mark the end of one training step; every report_every steps, report."""
         if self._closed:
             raise RuntimeError("deadwatch: step() called on a closed monitor")
-        if self._used_logdir and not self._resumed:  # asked at the first step: load_state_dict() comes after watch()
-            self._used_logdir = False
-            warnings.warn(f"deadwatch: logdir {self.logdir!r} already holds a run; the run log starts a new run "
-                          f"there ('deadwatch summary' shows the latest), but TensorBoard will overlay both runs' "
-                          f"curves. Use a new logdir, or call monitor.load_state_dict() to continue that run",
-                          RuntimeWarning, stacklevel=2)
+        if self.steps == 0:  # asked at the first step: load_state_dict() comes after watch()
+            self._first_step_warnings()
         self._registry.fold(self.steps)
         self.steps += 1
         self._capture.new_step(self.steps)
         if self.steps % self.config.report_every == 0:
             self._periodic_report()
 
+    def mask(self, mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
+        """Count only the real positions of the next forward: `mask` is 1/True at real positions and
+        0/False at padding, shaped like the activations without their unit axis ((N, T) for (N, T, C)
+        outputs, e.g. a tokenizer's attention_mask). Sites whose outputs have another shape ignore it.
+        Applies to the next forward the loop starts; `with monitor.mask(m): ...` applies it to every
+        forward in the block."""
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(f"deadwatch: mask() takes a tensor or None, got {type(mask).__name__}")
+        self._capture.mask = mask
+        return self._held_mask()
+
+    @contextlib.contextmanager
+    def _held_mask(self) -> Iterator[None]:
+        self._capture.mask_held = True
+        try:
+            yield
+        finally:
+            self._capture.mask_held = False
+            self._capture.mask = None
+
     def report(self) -> analysis.Report:
         """The verdict now; resets nothing. Collective under torch.distributed."""
         self._warn_if_no_step()
-        figures = self._registry.snapshot(self._capture.layout(), self.steps, self.config.window)
-        names = self._capture.names([f.name for f in figures])  # final names, once the ranks agree on sites
+        figures = sync.snapshot(self._registry, self._capture.layout(), self.steps, self.config.window)
+        names = self._capture.names([f.name for f in figures], publish=True)  # once the ranks agree on sites
+        if self._strict_pending:
+            self._strict_pending = False
+            if self._capture.pending:
+                raise DeadwatchError(f"load_state_dict(strict=True): saved sites {sorted(self._capture.pending)} "
+                                     f"have not run by the first report; sites now: {', '.join(names) or 'none'}. "
+                                     f"Pass strict=False to let them go")
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
         return analysis.Report(step=self.steps, window=self.config.window, layers=layers)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, last-fired steps and the step counter, for a checkpoint (take it after step())."""
-        return {"version": 1, "steps": self.steps, "reported_step": self._reported_step,
+        return {"version": 2, "steps": self.steps, "reported_step": self._reported_step,
                 "interval_reset_pending": self._registry.reset_pending,
-                "sites": self._registry.state(self._capture.site_names())}
+                "sites": {name: self._registry.state(site) for name, site in self._capture.site_names()}}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Continue from a state_dict(): a window spanning the restart gives the verdict of an unbroken run.
         Sites are matched by name when they first run (or now, if they already have). The state is
-        checked whole before anything changes."""
-        _check_state(state)
+        checked whole before anything changes. Returns the saved sites not matched yet and the sites
+        that have no saved state; with `strict`, saved sites that have not run by the first report
+        raise DeadwatchError then."""
+        sites = _check_state(state)
         self.steps = state["steps"]
         self._reported_step = state["reported_step"]
         self._registry.reset_pending = state["interval_reset_pending"]
-        self._capture.load(state["sites"])
+        new = self._capture.load(sites)
         self._capture.new_step(self.steps)
         self._resumed = True
+        self._strict_pending = strict
+        return LoadResult(unmatched=sorted(self._capture.pending), new=new)
 
     def close(self, error: BaseException | None = None) -> None:
         """Report the steps not yet reported, remove every hook, close the reporters. Idempotent.
 
-        With `error` (the training loop failed), no final collective report is made: other ranks
-        may never get there."""
+        With `error` (the training loop failed), a single process still writes its final report,
+        marked with the error; under torch.distributed it makes none, since the collective it needs
+        may hang when other ranks never get there."""
         if self._closed:
             return
         self._closed = True
@@ -104,6 +148,8 @@ class Monitor:
                 self._warn_if_no_step()
                 if self.steps > self._reported_step:
                     self._periodic_report()
+            elif not sync.distributed() and self.steps:
+                self._final_report_after(error)
         finally:
             self._capture.detach()
             self._close_reporters()
@@ -122,10 +168,32 @@ class Monitor:
                           "is judged yet: call monitor.step() once per training step, after optimizer.step()",
                           RuntimeWarning, stacklevel=3)
 
+    def _first_step_warnings(self) -> None:
+        if self._used_logdir and not self._resumed:
+            warnings.warn(f"deadwatch: logdir {self.logdir!r} already holds a run; the run log starts a new run "
+                          f"there ('deadwatch summary' shows the latest), but TensorBoard will overlay both runs' "
+                          f"curves. Use a new logdir, or call monitor.load_state_dict() to continue that run",
+                          RuntimeWarning, stacklevel=3)
+        why = self._capture.unwatched()
+        if why is not None:
+            warnings.warn(f"deadwatch: {why}", RuntimeWarning, stacklevel=3)
+
+    def _final_report_after(self, error: BaseException) -> None:
+        try:
+            report = self.report()
+        except Exception as e:  # the run failed already: say why there is no verdict, raise the loop's error
+            warnings.warn(f"deadwatch: no final report after the error ({e})", RuntimeWarning, stacklevel=4)
+            return
+        report.error = f"{type(error).__name__}: {error}"
+        self._emit(report)
+
     def _periodic_report(self) -> None:
         report = self.report()
         self._reported_step = self.steps
         self._registry.reset_interval()
+        self._emit(report)
+
+    def _emit(self, report: analysis.Report) -> None:
         for reporter in list(self._reporters):
             try:
                 reporter.emit(report)
@@ -149,16 +217,16 @@ class Monitor:
                 self._drop(reporter, e)
         self._reporters = []
 
-    def _reporter_names(self) -> list[str]:
-        """The reporters to build; raises ConfigError for a missing or unusable logdir."""
-        names = list(self.config.reporters)
+    def _reporter_specs(self) -> list[str | Reporter]:
+        """The reporters to build (names) or use (objects); raises ConfigError for a missing or unusable logdir."""
+        specs = list(self.config.reporters)
+        files = [s for s in specs if isinstance(s, str) and s in FILE_REPORTERS]
         if self.logdir is None:
-            wanted = [n for n in names if n in FILE_REPORTERS]
-            if wanted and self.config.reporters_given:
-                raise ConfigError(f"reporters {wanted} write files and need a logdir: "
+            if files and self.config.reporters_given:
+                raise ConfigError(f"reporters {files} write files and need a logdir: "
                                   f"pass watch(..., logdir=DIR) or drop them from reporters")
-            names = [n for n in names if n not in FILE_REPORTERS]
-        elif any(n in FILE_REPORTERS for n in names):
+            specs = [s for s in specs if s not in files]
+        elif files:
             try:
                 os.makedirs(self.logdir, exist_ok=True)
             except OSError as e:
@@ -166,16 +234,17 @@ class Monitor:
             if not os.access(self.logdir, os.W_OK):
                 raise ConfigError(f"logdir {self.logdir!r} is not writable")
             self._used_logdir = _rank() == 0 and _holds_a_run(self.logdir)
-        return names
+        return specs
 
-    def _make_reporters(self, names: list[str]) -> list[Any]:
-        reporters: list[Any] = []
+    def _make_reporters(self, specs: list[str | Reporter]) -> list[Reporter]:
+        reporters: list[Reporter] = []
         try:
-            for name in names:
-                reporters.append(_reporter(name, self))
+            for spec in specs:
+                reporters.append(_reporter(spec, self) if isinstance(spec, str) else spec)
         except BaseException as e:
-            for reporter in reporters:
-                reporter.close()
+            for reporter, spec in zip(reporters, specs):
+                if isinstance(spec, str):  # built here; objects passed in are closed by their owner then
+                    reporter.close()
             if isinstance(e, OSError):
                 raise ConfigError(f"logdir {self.logdir!r} cannot be written: {e.strerror or e}") from None
             raise
@@ -187,12 +256,13 @@ def _holds_a_run(logdir: str) -> bool:
     return any(name == FILENAME or name.startswith("events.out.tfevents.") for name in os.listdir(logdir))
 
 
-def _check_state(state: Any) -> None:
+def _check_state(state: Any) -> dict[str, dict]:
+    """The saved sites of a state_dict(), checked whole; a version 1 state (no last_ran) is read too."""
     def bad(what: str) -> ConfigError:
         return ConfigError(f"load_state_dict(): {what}; pass what Monitor.state_dict() returned")
 
-    if not isinstance(state, Mapping) or state.get("version") != 1:
-        raise bad("the state must be a mapping with version 1")
+    if not isinstance(state, Mapping) or state.get("version") not in (1, 2):
+        raise bad("the state must be a mapping with version 1 or 2")
     for key in ("steps", "reported_step"):
         if isinstance(state.get(key), bool) or not isinstance(state.get(key), int) or state[key] < 0:
             raise bad(f"{key!r} must be a non-negative integer, got {state.get(key)!r}")
@@ -201,19 +271,27 @@ def _check_state(state: Any) -> None:
     sites = state.get("sites")
     if not isinstance(sites, Mapping):
         raise bad(f"'sites' must be a mapping of site name to counters, got {type(sites).__name__}")
+    out = {}
     for name, saved in sites.items():
         if not isinstance(saved, Mapping):
             raise bad(f"site {name!r} must be a mapping")
+        saved = dict(saved)
+        if state["version"] == 1:  # saved before last_ran was kept: the site ran at the checkpoint's last step
+            saved.setdefault("last_ran", state["steps"] - 1)
         for key in ("units", "first_step", "observations"):
             if isinstance(saved.get(key), bool) or not isinstance(saved.get(key), int) or saved[key] < 0:
                 raise bad(f"site {name!r}: {key!r} must be a non-negative integer, got {saved.get(key)!r}")
-        for key in ("last_fired", "last_nonfinite", "fired"):
+        if isinstance(saved.get("last_ran"), bool) or not isinstance(saved.get("last_ran"), int) or saved["last_ran"] < -1:
+            raise bad(f"site {name!r}: 'last_ran' must be an integer >= -1, got {saved.get('last_ran')!r}")
+        for key in stats.SAVED:
             t = saved.get(key)
             if not isinstance(t, torch.Tensor) or t.shape != (saved["units"],):
                 raise bad(f"site {name!r}: {key!r} must be a tensor of {saved['units']} values")
+        out[name] = saved
+    return out
 
 
-def _reporter(name: str, monitor: Monitor) -> Any:
+def _reporter(name: str, monitor: Monitor) -> Reporter:
     if name == "console":
         from .reporters.console import ConsoleReporter
         return ConsoleReporter()

@@ -192,14 +192,24 @@ def test_no_warning_with_steps_or_without_forwards():
             monitor.step()
 
 
-def test_close_with_an_error_makes_no_final_report(tmp_path):
+def test_close_with_an_error_writes_the_final_report_marked_with_it(tmp_path):
     net = make_net(SIZES, PLANTED)
     monitor = deadwatch.watch(net, logdir=tmp_path, reporters=["jsonl"], report_every=100)
-    net(torch.randn(2, SIZES[0]))
+    net(torch.randn(256, SIZES[0]))
     monitor.step()
     monitor.close(error=RuntimeError("boom"))
-    assert not (tmp_path / runlog.FILENAME).exists() or "report" not in (tmp_path / runlog.FILENAME).read_text()
+    log = runlog.read(str(tmp_path))
+    assert [(r.step, r.error) for r in log.reports] == [(1, "RuntimeError: boom")]
+    assert log.last.layer("act.0").dead_units == [1, 6]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_an_error_before_any_step_writes_no_report(tmp_path):
+    net = make_net(SIZES, PLANTED)
+    monitor = deadwatch.watch(net, logdir=tmp_path, reporters=["jsonl"])
+    net(torch.randn(2, SIZES[0]))
+    monitor.close(error=RuntimeError("boom"))
+    assert (tmp_path / runlog.FILENAME).read_text() == ""   # nothing judged: nothing to write
 
 
 # ---- a used logdir ------------------------------------------------------------------------------

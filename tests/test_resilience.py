@@ -346,8 +346,10 @@ def test_exception_in_loop_removes_hooks_and_flushes_logs(tmp_path, where):
     assert _hooks(model) == 0, "hooks left on the model"
     assert (F.relu, torch.relu, F.gelu) == functions, "activation functions still wrapped"
     log = runlog.read(str(logdir))
-    assert [r.step for r in log.reports] == [5]
-    assert tb_steps(logdir) == [5]
+    # a single process still leaves its verdict: the final report, marked with the loop's error
+    assert [r.step for r in log.reports] == [5, 7]
+    assert [r.error for r in log.reports] == [None, f"Boom: {where.replace('_', ' ')}"]
+    assert tb_steps(logdir) == [5, 7]
     # the monitor let go of the model: watching it again works, and counts from scratch
     with deadwatch.watch(model, reporters=[], window=50, count_subsample=1) as again:
         train(model, again, range(3))

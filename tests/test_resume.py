@@ -213,7 +213,7 @@ BAD_STATES = {
     "not a mapping": [1, 2, 3],
     "None": None,
     "no version": {"steps": 3, "reported_step": 0, "interval_reset_pending": False, "sites": {}},
-    "future version": {"version": 2, "steps": 3, "reported_step": 0, "interval_reset_pending": False, "sites": {}},
+    "future version": {"version": 3, "steps": 3, "reported_step": 0, "interval_reset_pending": False, "sites": {}},
     "version only": {"version": 1},
     "no sites": {"version": 1, "steps": 3, "reported_step": 0, "interval_reset_pending": False},
     "sites not a mapping": {"version": 1, "steps": 3, "reported_step": 0, "interval_reset_pending": False,

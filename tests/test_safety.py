@@ -594,8 +594,7 @@ def test_failing_reporter_warns_once_and_training_goes_on():
     before, broken, after = Recorder(), Broken(), Recorder()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with deadwatch.watch(model, reporters=[], report_every=2) as monitor:
-            monitor._reporters += [before, broken, after]
+        with deadwatch.watch(model, reporters=[before, broken, after], report_every=2) as monitor:
             for x, y in zip(xs, ys):
                 _step(model, opt, x, y, monitor)
             assert monitor.steps == 10
@@ -616,9 +615,8 @@ def test_reporter_failing_on_close_does_not_raise():
     model = MLP()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        monitor = deadwatch.watch(model, reporters=[], report_every=1)
         bad = BadClose()
-        monitor._reporters.append(bad)
+        monitor = deadwatch.watch(model, reporters=[bad], report_every=1)
         model(torch.randn(2, 20))
         monitor.step()
         monitor.close()

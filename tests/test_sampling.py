@@ -425,14 +425,15 @@ def test_watch_every_watches_only_every_kth_step(subsample):
 
 
 def test_watch_every_window_counts_unwatched_steps():
-    """The window is in training steps, watched or not, and an unwatched step counts as not firing:
-    with window 2 < watch_every 4, even a unit that fires on every step is dead in the reports whose
-    window holds no watched step (after steps 3 and 4), and alive again once step 4 is in it."""
+    """The window is in training steps, watched or not, and an unwatched step counts as not running:
+    with window 2 < watch_every 4, the reports whose window holds no watched step (after steps 3 and 4)
+    find the site idle (no counted forward: nothing judged), and judge it again once step 4 is in it."""
     m = nn.Sequential(Affine(2), nn.ReLU())
     x0 = torch.tensor([[1.0, 1.0], [1.0, 1.0]])      # unit 1 fires on step 0 only
     x = torch.tensor([[1.0, -1.0], [1.0, -1.0]])     # unit 0 fires on every step
     reports = run_watch(m, [x0, x, x, x, x], window=2, every_step=True, watch_every=4)
-    assert [r.layer("1").dead_units for r in reports] == [[], [], [0, 1], [0, 1], [1]]
+    assert [r.layer("1").dead_units for r in reports] == [[], [], [], [], [1]]
+    assert [r.layer("1").status for r in reports] == ["ok", "ok", "idle", "idle", "critical"]
     reports = run_watch(m, [x0, x, x, x, x], window=2, every_step=True)
     assert [r.layer("1").dead_units for r in reports] == [[], [], [1], [1], [1]]
 
@@ -444,9 +445,9 @@ def test_unwatched_steps_do_no_hook_work(every, monkeypatch):
     calls = []
     original = deadwatch.stats.record
 
-    def counting(site, out):
+    def counting(site, out, *rest):
         calls.append(site)
-        return original(site, out)
+        return original(site, out, *rest)
 
     monkeypatch.setattr(deadwatch.stats, "record", counting)
     m = MLP()

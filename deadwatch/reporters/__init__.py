@@ -1,1 +1,18 @@
-"""Reporters: where reports go. Each has emit(report) and close()."""
+"""Reporters: where reports go. Built in: console, jsonl (the run log), tensorboard; or any object
+with emit(report) and close(), passed in `reporters=[...]`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..analysis import Report
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    def emit(self, report: Report) -> None:
+        """Take one report (rank 0 only). An exception turns this reporter off, with one warning."""
+
+    def close(self) -> None:
+        """Release files and threads; called once, when the monitor closes."""

@@ -1,0 +1,143 @@
+"""Activation functions called inside forward (`F.relu`, `torch.relu`, `F.gelu`, ...).
+
+One set of wrappers for the whole process, shared by every open Capture: installed when the first
+capture attaches, the originals put back when the last one closes. A wrapper hands the output to
+the capture that owns the calling module: the module whose method is nearest on the stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from .activations import is_activation
+
+if TYPE_CHECKING:
+    from .hooks import Capture
+
+
+def _targets(name: str) -> list[tuple[Any, str]]:
+    targets = [(torch.nn.functional, name)]
+    if name in ("relu", "selu", "celu", "rrelu", "tanh", "sigmoid"):
+        targets.append((torch, name))
+    if name in ("relu", "leaky_relu", "elu", "celu", "selu", "rrelu"):
+        targets.append((torch.nn.functional, name + "_"))
+    if name in ("relu", "selu", "celu", "rrelu"):
+        targets.append((torch, name + "_"))
+    return [(ns, attr) for ns, attr in targets if hasattr(ns, attr)]
+
+
+class FunctionPatch:
+    def __init__(self) -> None:
+        self.captures: list[Capture] = []
+        self.originals: dict[tuple[int, str], tuple[Any, Callable]] = {}
+        self.wrappers: dict[int, Callable] = {}  # id(original function) -> its wrapper
+        self.imported: dict[tuple[int, str], tuple[dict, Any]] = {}  # names imported into model code, swapped
+        self.busy = False  # F.relu calls torch.relu: count the outer call only
+
+    def attach(self, capture: Capture) -> None:
+        self.captures.append(capture)
+        for fn_name in capture.config.functions:
+            for ns, attr in _targets(fn_name):
+                key = (id(ns), attr)
+                if key not in self.originals:
+                    original = getattr(ns, attr)
+                    self.originals[key] = (ns, original)
+                    self.wrappers[id(original)] = self._wrap(fn_name, original)
+                    setattr(ns, attr, self.wrappers[id(original)])
+
+    def detach(self, capture: Capture) -> None:
+        if capture in self.captures:
+            self.captures.remove(capture)
+        if not self.captures:
+            for (_, attr), (ns, original) in self.originals.items():
+                setattr(ns, attr, original)
+            for (_, name), (namespace, original) in self.imported.items():
+                namespace[name] = original
+            self.originals.clear()
+            self.wrappers.clear()
+            self.imported.clear()
+            self.busy = False
+
+    def _wrap(self, fn_name: str, original: Callable) -> Callable:
+        patch = self
+
+        @functools.wraps(original)
+        @torch.compiler.disable
+        def activation(*args: Any, **kwargs: Any) -> Any:
+            if patch.busy or not patch.captures:
+                return original(*args, **kwargs)
+            patch.busy = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                patch.busy = False
+            module = calling_module(sys._getframe(1))
+            if module is not None and not is_activation(module):  # F.relu inside nn.ReLU: the module's own site
+                for capture in patch.captures:
+                    if fn_name in capture.functions and id(module) in capture.paths:
+                        capture.on_function(fn_name, out, module, args, kwargs)
+            return out
+
+        activation.__deadwatch_original__ = original  # type: ignore[attr-defined]
+        return activation
+
+    def swap_stored(self, model: nn.Module) -> list[tuple[dict, str, Any]]:
+        """Activation functions taken before the patch still point at the originals: attributes of
+        modules (nn.TransformerEncoderLayer keeps F.gelu in self.activation, also as a functools.partial)
+        and names imported into the model code's modules (`from torch.nn.functional import relu`).
+        Point them at the wrappers. Returns the module attributes swapped, for the capture to put back
+        when it closes; imported names go back when the last capture closes (a Python module may
+        define classes of several watched models)."""
+        def wrapped(value: Any) -> Any:
+            if isinstance(value, functools.partial):
+                inner = wrapped(value.func)
+                return None if inner is None else functools.partial(inner, *value.args, **value.keywords)
+            wrapper = self.wrappers.get(id(value)) if callable(value) else None
+            return wrapper if getattr(wrapper, "__deadwatch_original__", None) is value else None
+
+        code_modules, instances = {}, []
+        for module in model.modules():
+            for cls in type(module).__mro__:
+                if not cls.__module__.startswith(("torch.", "builtins")) and cls.__module__ in sys.modules:
+                    code_modules[cls.__module__] = vars(sys.modules[cls.__module__])
+            if not is_activation(module):
+                instances.append(vars(module))
+        swapped = []
+        for shared, namespaces in ((True, code_modules.values()), (False, instances)):
+            for namespace in namespaces:
+                for name, value in list(namespace.items()):
+                    replacement = wrapped(value)
+                    if replacement is None:
+                        continue
+                    if shared:
+                        self.imported[(id(namespace), name)] = (namespace, value)
+                    else:
+                        swapped.append((namespace, name, value))
+                    namespace[name] = replacement
+        return swapped
+
+
+PATCH = FunctionPatch()
+
+
+def calling_module(frame: Any) -> nn.Module | None:
+    """The module whose method (forward, or a helper it calls) is nearest on the stack: the function's
+    owner. Only that module counts, so another model called inside a watched forward is not watched."""
+    while frame is not None:
+        code = frame.f_code  # only methods can have a module as `self`: skip the rest without f_locals
+        if code.co_argcount and code.co_varnames[0] == "self":
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, nn.Module):
+                return obj
+        frame = frame.f_back
+    return None
+
+
+def active_function_patches() -> int:
+    """How many torch functions are wrapped right now (0 once every monitor has closed)."""
+    return len(PATCH.originals)

@@ -1,0 +1,270 @@
+"""The hooks a Capture keeps on one model, the sites they find and the names sites are reported under.
+
+A *site* is one place where an activation runs in forward: an activation module call, or an
+activation function called by one of the model's modules. Its key is (module path, function or
+None, call number within the forward). Hooks only hand the output tensor to stats.record();
+nothing here reads tensor values.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+import weakref
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from .. import stats
+from ..config import Config
+from ..errors import DeadwatchError
+from .activations import NONNEGATIVE, fire_threshold, is_activation, module_threshold
+from .axis import unit_axis
+from .functions import PATCH
+
+_WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every watched model
+
+
+class SiteKey(NamedTuple):
+    """Where a site is: the same on every rank and in every forward, whatever it ends up named."""
+
+    path: str              # the module's path in the model ("" for the root)
+    function: str | None   # the activation function's name, None for an activation module
+    call: int              # which call of that module (or of that function by that module) in one forward
+
+    def __str__(self) -> str:
+        if self.function is None:
+            return f"{self.path}#{self.call}"
+        return f"{self.path}.{self.function}#{self.call}" if self.path else f"{self.function}#{self.call}"
+
+
+class Capture:
+    """Hooks on one model: finds sites, decides which calls count, hands outputs to stats."""
+
+    def __init__(self, model: nn.Module, config: Config, registry: stats.Registry, step: Callable[[], int]):
+        # watch(torch.compile(model)): hook the original module, so site names carry no "_orig_mod."
+        self.model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+        self.config = config
+        self.functions = frozenset(config.functions)
+        self.registry = registry
+        self.step = step
+        self.depth = 0                     # > 0 while a forward of one of the model's modules runs
+        self.active = True                 # False on the steps watch_every skips
+        self.calls: dict[Any, int] = {}    # calls per module / (module, function) since the outermost call began
+        self.sites: dict[SiteKey, stats.Site | None] = {}   # None: seen, but not watched (include/exclude, dtype)
+        self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
+        self.thresholds: dict[int, float] = {}        # id(activation module) -> its output at 0
+        self.handles: list[Any] = []
+        self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
+        self.multi_call: set[str] = set()  # module paths called more than once per forward
+        self.published: dict[SiteKey, str] = {}  # names once reported: a site keeps its name for the run
+        self.pending: dict[str, dict] = {}  # saved counters (load_state_dict) of sites not run yet
+        self.mask: torch.Tensor | None = None  # real positions of the next forward (Monitor.mask)
+        self.mask_held = False             # True inside `with monitor.mask(...)`: the mask outlives one forward
+        self._include = [re.compile(p) for p in config.include]
+        self._exclude = [re.compile(p) for p in config.exclude]
+
+    # -- attach / detach
+    def attach(self) -> None:
+        taken = [path or "the model itself" for path, m in self.model.named_modules() if m in _WATCHED]
+        if taken:
+            raise DeadwatchError(f"this model is already watched by another deadwatch monitor "
+                                 f"(at least {taken[0]!r}); close that one first: one monitor per model")
+        try:
+            for path, module in self.model.named_modules():
+                act = is_activation(module)
+                self.paths[id(module)] = (path, act)
+                _WATCHED.add(module)
+                if act:
+                    self.thresholds[id(module)] = module_threshold(module)
+                    self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
+                elif module is self.model or _may_call_activations(module):
+                    # A forward starts when the loop calls any of these, not only the root: a Lightning
+                    # training_step calls self.net(x), a VAE loop model.encoder(x).
+                    self.handles.append(module.register_forward_pre_hook(self._enter))
+                    self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+            if self.functions:
+                PATCH.attach(self)
+                self.swapped = PATCH.swap_stored(self.model)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for module in self.model.modules():
+            if id(module) in self.paths:
+                _WATCHED.discard(module)
+        for namespace, name, original in reversed(self.swapped):
+            namespace[name] = original
+        self.swapped.clear()
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        PATCH.detach(self)
+        self.depth = 0
+        self.mask = None
+
+    def new_step(self, step: int) -> None:
+        self.calls.clear()
+        self.active = step % self.config.watch_every == 0
+        if not self.mask_held:
+            self.mask = None
+
+    # -- hooks
+    @torch.compiler.disable
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if self.depth == 0 and not _in_backward():
+            self.calls.clear()
+        self.depth += 1
+
+    @torch.compiler.disable
+    def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0 and not self.mask_held and not _in_backward():
+            self.mask = None  # a mask is for one forward
+
+    @torch.compiler.disable  # under torch.compile: a graph break, the hook runs eagerly on real tensors
+    def _on_module(self, path: str, module: nn.Module, args: Any, out: Any) -> None:
+        if not self.active or _in_backward():  # recomputation of a checkpointed segment: already counted in forward
+            return
+        if self.depth == 0:  # called by the loop itself, outside any forward of the model: a forward of its own
+            self.calls.clear()
+        key = id(module)
+        call = self.calls.get(key, 0)
+        self.calls[key] = call + 1
+        if call:
+            self.multi_call.add(path)
+        if not (module.training or self.config.count_eval) or not isinstance(out, torch.Tensor):
+            return
+        site_key = SiteKey(path, None, call)
+        site = self.sites.get(site_key, False)
+        if site is False:
+            parent = self.model.get_submodule(path.rpartition(".")[0]) if path else None
+            site = self._new_site(site_key, type(module).__name__, self.thresholds[key], out, parent, module)
+        if site is not None:
+            stats.record(site, out, self.mask)
+
+    def on_function(self, fn_name: str, out: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """An activation function called by a method of `module`, one of this model's modules."""
+        if not self.active or _in_backward() or not isinstance(out, torch.Tensor):
+            return
+        if self.depth == 0:  # e.g. F.relu in a LightningModule's training_step: a forward of its own
+            self.calls.clear()
+        key = (id(module), fn_name)
+        call = self.calls.get(key, 0)
+        self.calls[key] = call + 1
+        if not (module.training or self.config.count_eval):
+            return
+        site_key = SiteKey(self.paths[id(module)][0], fn_name, call)
+        site = self.sites.get(site_key, False)
+        if site is False:
+            beta = kwargs.get("beta", args[1] if fn_name == "softplus" and len(args) > 1 else 1.0)
+            site = self._new_site(site_key, fn_name, fire_threshold(fn_name, beta), out, module)
+        if site is not None:
+            stats.record(site, out, self.mask)
+
+    # -- sites
+    def _wanted(self, names: tuple[str, ...]) -> bool:
+        if self._include and not any(p.search(n) for p in self._include for n in names):
+            return False
+        return not any(p.search(n) for p in self._exclude for n in names)
+
+    @staticmethod
+    def _aliases(key: SiteKey) -> tuple[str, ...]:
+        """The names a site answers to in include/exclude/unit_axis and checkpoints; the last is its
+        usual name. The first call of a module answers to both `path#0` and `path`."""
+        return (str(key), key.path) if key.function is None and key.call == 0 else (str(key),)
+
+    def _new_site(self, key: SiteKey, kind: str, threshold: float, out: torch.Tensor,
+                  context: nn.Module | None, module: nn.Module | None = None) -> stats.Site | None:
+        site, names = None, self._aliases(key)
+        if self._wanted(names) and out.is_floating_point() and out.ndim >= 2:
+            nonnegative = threshold == 0 and kind.lower() in NONNEGATIVE
+            site = stats.Site(names[-1], kind, threshold, nonnegative, self.step(), self.config.count_subsample)
+            self.registry.add(site, out, unit_axis(out, names, self.config, context, module))
+            self._restore(site, names)
+        self.sites[key] = site
+        return site
+
+    def _restore(self, site: stats.Site, names: tuple[str, ...]) -> None:
+        for name in names:
+            saved = self.pending.pop(name, None)
+            if saved is None:
+                continue
+            if saved["units"] != site.units:
+                warnings.warn(f"deadwatch: site {name!r} had {saved['units']} units in the checkpoint and has "
+                              f"{site.units} now; its counters start over", RuntimeWarning, stacklevel=4)
+            else:
+                self.registry.restore(site, saved)
+            return
+
+    def load(self, sites: dict[str, dict]) -> list[str]:
+        """Saved counters by site name: applied now to sites that exist, to the others when they first run.
+        Returns the sites that exist now and had no saved counters."""
+        self.pending = dict(sites)
+        new = []
+        for (key, site), name in zip(self.layout(), self.names([key for key, _ in self.layout()])):
+            aliases = self._aliases(key)
+            if not any(alias in self.pending for alias in aliases):
+                new.append(name)
+            self._restore(site, aliases)
+        return new
+
+    def layout(self) -> list[tuple[SiteKey, stats.Site]]:
+        """Watched sites in the order they first ran, by key: ranks compare these before names are final."""
+        return [(key, site) for key, site in self.sites.items() if site is not None]
+
+    def names(self, keys: list[SiteKey], publish: bool = False) -> list[str]:
+        """The names sites are reported under. A module called once per forward is `path`, one called
+        several times `path#0`, `path#1`, ... (on any rank); a function `path.fn#k`. A name once
+        reported (`publish`) is kept for the run: a module first reported as `path` that later runs
+        twice per forward keeps `path` for its first call, the new one is `path#1`."""
+        multi = set(self.multi_call) | {key.path for key in keys if key.function is None and key.call}
+        root = type(self.model).__name__
+        out = []
+        for key in keys:
+            name = self.published.get(key)
+            if name is None:
+                if key.function is not None:
+                    name = str(key)
+                else:
+                    name = str(key) if key.path in multi else (key.path or root)
+                if publish:
+                    self.published[key] = name
+            out.append(name)
+        return out
+
+    def site_names(self) -> list[tuple[str, stats.Site]]:
+        """This process's sites with their names."""
+        layout = self.layout()
+        named = list(zip(self.names([key for key, _ in layout]), (site for _, site in layout)))
+        for name, site in named:
+            site.name = name
+        return named
+
+    def unwatched(self) -> str | None:
+        """Why no site is watched, when none is: say it once after the first step."""
+        if any(site is not None for site in self.sites.values()):
+            return None
+        seen = self.names(list(self.sites))
+        if not seen:
+            return ("no activation that deadwatch can see ran in a counted forward of the model: it watches "
+                    "activation modules (torch.nn, transformers, timm) and the functions in `functions` "
+                    f"({', '.join(sorted(self.functions)) or 'none'}), in training mode unless count_eval is true; "
+                    "tensor methods such as x.relu() are not seen")
+        patterns = [f"include {list(self.config.include)}"] * bool(self.config.include) + \
+                   [f"exclude {list(self.config.exclude)}"] * bool(self.config.exclude)
+        if patterns:
+            return f"no site is watched: {' and '.join(patterns)} left out every activation seen: {', '.join(seen)}"
+        return f"no site is watched: the outputs of {', '.join(seen)} are not floating point or have fewer than 2 dims"
+
+
+def _may_call_activations(module: nn.Module) -> bool:
+    """Containers and modules of user code; torch.nn's leaf layers (Linear, Conv, norms) call no activation."""
+    return next(module.children(), None) is not None or not type(module).__module__.startswith("torch.")
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
