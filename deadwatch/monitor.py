@@ -113,10 +113,14 @@ class Monitor:
         return analysis.Report(step=self.steps, window=self.config.window, layers=layers)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, last-fired steps and the step counter, for a checkpoint (take it after step())."""
+        """Counters, last-fired steps and the step counter, for a checkpoint (take it after step()).
+        Under torch.distributed it is collective and holds every rank's counters merged, the same on
+        every rank: whichever rank's copy is saved, a resumed run gives the verdict of an unbroken one."""
+        sites = {name: self._registry.state(site) for name, site in self._capture.site_names()}
+        if sync.distributed():
+            sites = sync.merged_state(sites)
         return {"version": 2, "steps": self.steps, "reported_step": self._reported_step,
-                "interval_reset_pending": self._registry.reset_pending,
-                "sites": {name: self._registry.state(site) for name, site in self._capture.site_names()}}
+                "interval_reset_pending": self._registry.reset_pending, "sites": sites}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Continue from a state_dict(): a window spanning the restart gives the verdict of an unbroken run.
@@ -125,6 +129,9 @@ class Monitor:
         that have no saved state; with `strict`, saved sites that have not run by the first report
         raise DeadwatchError then."""
         sites = _check_state(state)
+        if _rank() != 0:  # the saved counts are every rank's, merged: rank 0 holds them, so a report adds them once
+            for saved in sites.values():
+                saved["fired"], saved["observations"] = torch.zeros_like(saved["fired"]), 0
         self.steps = state["steps"]
         self._reported_step = state["reported_step"]
         self._registry.reset_pending = state["interval_reset_pending"]

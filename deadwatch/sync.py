@@ -132,6 +132,31 @@ def _union(shapes: list[tuple[Hashable, str, int]], mine: dict[Hashable, Site], 
     return figures
 
 
+def merged_state(sites: dict[str, dict]) -> dict[str, dict]:
+    """Every rank's saved sites (Registry.state), merged: a unit fired when it fired on any rank, counts
+    add up. A checkpoint holds this on every rank, so it does not matter which rank's is saved (Lightning
+    saves rank 0's). Checkpoints are rare: the host objects are gathered whole."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sites)
+    merged: dict[str, dict] = {}
+    for rank, theirs in enumerate(gathered):
+        for name, saved in theirs.items():
+            mine = merged.get(name)
+            if mine is None:
+                merged[name] = dict(saved)
+                continue
+            if mine["units"] != saved["units"]:
+                raise DeadwatchError(f"site {name!r} has {mine['units']} units on one rank and {saved['units']} on "
+                                     f"rank {rank}: the ranks do not run the same model")
+            for key in ("last_fired", "last_nonfinite"):
+                mine[key] = torch.maximum(mine[key], saved[key])
+            mine["fired"] = mine["fired"] + saved["fired"]
+            mine["observations"] += saved["observations"]
+            mine["last_ran"] = max(mine["last_ran"], saved["last_ran"])
+            mine["first_step"] = min(mine["first_step"], saved["first_step"])
+    return merged
+
+
 def fingerprint(shapes: list[tuple[Hashable, str, int]]) -> int:
     return int.from_bytes(hashlib.blake2b(repr(shapes).encode(), digest_size=7).digest(), "little")
 

@@ -360,12 +360,48 @@ def scenario_conflict(rank: int, world: int, outdir: str) -> dict[str, Any]:
     return {"error": error, "close_error": close_error, "hooks_left": _hooks_left(model)}
 
 
+def scenario_resume(rank: int, world: int, outdir: str) -> dict[str, Any]:
+    """A run stopped after RESTART steps and resumed from rank 0's copy of the monitor's state (what
+    Lightning saves), against the same run unbroken. Unit 2 of `act` fires on the last rank's data,
+    before the restart only: it must stay alive across the restart (the window spans it)."""
+    import deadwatch
+
+    restart, window = 2, 10
+
+    def data(step: int) -> torch.Tensor:
+        x = rank_data(rank, world, step, seed=4)
+        if step >= restart:
+            x[:, 0] = 0.0
+        return x
+
+    def run(steps: range, state: dict | None = None) -> tuple[Any, dict]:
+        torch.manual_seed(0)
+        model = Planted(Taps())
+        with deadwatch.watch(model, reporters=[], report_every=1000, window=window, count_subsample=1) as monitor:
+            if state is not None:
+                monitor.load_state_dict(state)
+            for step in steps:
+                model(data(step))
+                monitor.step()
+            saved = monitor.state_dict()          # collective: every rank's counters, merged
+            report = monitor.report()
+        return report, saved
+
+    straight, _ = run(range(STEPS))
+    _, saved = run(range(restart))
+    box = [saved if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)        # every rank resumes from rank 0's copy
+    resumed, _ = run(range(restart, STEPS), box[0])
+    return {"straight": straight.to_dict(), "resumed": resumed.to_dict()}
+
+
 def _hooks_left(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "branch": scenario_branch,
-             "reused": scenario_reused, "conflict": scenario_conflict, "superset": scenario_superset}
+             "reused": scenario_reused, "conflict": scenario_conflict, "superset": scenario_superset,
+             "resume": scenario_resume}
 
 
 def worker(rank: int, world: int, store: str, outdir: str, scenarios: list[str]) -> None:

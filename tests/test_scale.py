@@ -24,7 +24,7 @@ import dist_workers  # noqa: E402
 from dist_workers import STEPS, WINDOW, batch_size  # noqa: E402
 from reference import RefSite  # noqa: E402
 
-SCENARIOS = ["ddp", "fsdp2", "branch", "reused", "conflict", "superset"]  # superset last: it may wedge
+SCENARIOS = ["ddp", "fsdp2", "branch", "reused", "conflict", "resume", "superset"]  # superset last: it may wedge
 JOIN_DEADLINE_S = 90  # a hung collective fails after dist_workers.PG_TIMEOUT_S; this is the backstop
 
 
@@ -313,3 +313,12 @@ def test_conflicting_site_raises_on_every_rank_and_never_hangs(run):
 def test_spawn_is_fast(run):
     assert not run["hung"], run   # (a crashed rank shows in the tests of its scenario)
     assert run["seconds"] < 45, f"{run['world']} ranks took {run['seconds']:.1f}s for {len(SCENARIOS)} scenarios"
+
+
+def test_resume_from_rank_0s_state_equals_the_unbroken_run(run):
+    """state_dict() merges every rank's counters, so the copy Lightning saves (rank 0's) resumes the
+    whole job: unit 2 of `act`, which fired on the last rank before the restart only, stays alive."""
+    for rank, result in enumerate(results_of(run, "resume")):
+        assert result["resumed"] == result["straight"], f"rank {rank}"
+        act = next(layer for layer in result["resumed"]["layers"] if layer["name"] == "act")
+        assert 2 not in act["dead_units"] and {1, 4} <= set(act["dead_units"])
