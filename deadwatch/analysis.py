@@ -96,6 +96,12 @@ class Report:
                   for layer in d["layers"]]
         return cls(step=d["step"], window=d["window"], layers=layers, error=d.get("error"))
 
+    def __rich__(self) -> Any:
+        """`rich.print(report)` shows the console table: rendering is the console reporter's, imported
+        when asked for (analysis itself imports no reporter)."""
+        from .reporters.console import render
+        return render(self)
+
 
 def status(dead_fraction: float, nonfinite: bool, config: Config) -> str:
     """The status of a site that ran in the window."""

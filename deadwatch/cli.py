@@ -1,4 +1,5 @@
-"""The `deadwatch` command: summary, compare, demo. Reads run logs only.
+"""The `deadwatch` command: summary, compare, demo. Reads run logs only: summary and compare never import
+torch (only demo does, to train).
 
 Exit codes: 0 fine; 1 --fail-on triggered; 2 usage or input error (one line on stderr).
 """
@@ -19,12 +20,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import CRITICAL, NONFINITE, OK, WARN, LayerReport, Report
+from .analysis import CRITICAL, IDLE, NONFINITE, OK, STYLES, WARN, LayerReport, Report
 from .errors import DeadwatchError
 from .reporters import runlog
-from .reporters.console import STYLES, percent
+from .reporters.console import dead_cell, headline, notes, percent, print_fitted, site_column, title_line
 
-LEVELS = {OK: 0, WARN: 1, CRITICAL: 2, NONFINITE: 3}
+LEVELS = {OK: 0, WARN: 1, CRITICAL: 2, NONFINITE: 3}  # --fail-on; an idle site is not judged, so never fails
 PROGRESS_MIN_BYTES = 1 << 20
 MAX_LISTED_UNITS = 12
 
@@ -71,7 +72,7 @@ def _select(report: Report, pattern: str | None) -> Report:
     layers = [layer for layer in report.layers if regex.search(layer.name)]
     if not layers:
         raise UsageError(f"--site {pattern!r} matches no site; sites: {', '.join(l.name for l in report.layers)}")
-    return Report(step=report.step, window=report.window, layers=layers)
+    return Report(step=report.step, window=report.window, layers=layers, error=report.error)
 
 
 def units_text(units: list[int]) -> str:
@@ -81,9 +82,15 @@ def units_text(units: list[int]) -> str:
     return f"{head}, ..., {units[-1]} ({len(units)} units)"
 
 
+def _fraction(layer: LayerReport) -> str:
+    return "idle" if layer.dead_fraction is None else percent(layer.dead_fraction)
+
+
 def _trend(first: LayerReport | None, last: LayerReport) -> Text:
     if first is None:
-        return Text(f"new -> {percent(last.dead_fraction)}")
+        return Text(f"new -> {_fraction(last)}")
+    if first.dead_fraction is None or last.dead_fraction is None:  # no direction to or from "not judged"
+        return Text(f"{_fraction(first)} -> {_fraction(last)}")
     arrow = "↑" if last.dead_fraction > first.dead_fraction else "↓" if last.dead_fraction < first.dead_fraction else "→"
     style = "red" if arrow == "↑" else "green" if arrow == "↓" else ""
     return Text(f"{percent(first.dead_fraction)} -> {percent(last.dead_fraction)} {arrow}", style=style)
@@ -91,23 +98,25 @@ def _trend(first: LayerReport | None, last: LayerReport) -> Text:
 
 def summary_view(log: runlog.RunLog, report: Report) -> Group:
     first = {layer.name: layer for layer in Report.from_dict(log.records[0]).layers}
-    table = Table(title=Text(f"{log.path}: step {report.step}, window {report.window} steps, {len(log.records)} reports, "
-                             f"{percent(report.dead_fraction)} of {report.units} units dead"), title_justify="left")
-    for column, justify in (("site", "left"), ("kind", "left"), ("units", "right"), ("dead", "right"),
+    title = title_line(f"{log.path}: step {report.step}, window {report.window} steps, {len(log.records)} reports, "
+                       f"{headline(report)}")
+    table = Table()
+    site_column(table)
+    for column, justify in (("kind", "left"), ("units", "right"), ("dead", "right"),
                             ("zero frac", "right"), ("dead trend", "left"), ("status", "left")):
         table.add_column(column, justify=justify)
     for layer in report.layers:
-        table.add_row(Text(layer.name), Text(layer.kind), str(layer.units),
-                      f"{len(layer.dead_units)} ({percent(layer.dead_fraction)})", percent(layer.zero_fraction),
-                      _trend(first.get(layer.name), layer), Text(layer.status, style=STYLES[layer.status]))
-    notes = []
+        table.add_row(Text(layer.name), Text(layer.kind), str(layer.units), dead_cell(layer),
+                      percent(layer.zero_fraction), _trend(first.get(layer.name), layer),
+                      Text(layer.status, style=STYLES[layer.status]))
+    lines = []
     for layer in report.flagged:
-        notes.append(Text.assemble((f"{layer.name} ({layer.status}): ", STYLES[layer.status]), layer.hint or ""))
+        lines.append(Text.assemble((f"{layer.name} ({layer.status}): ", STYLES[layer.status]), layer.hint or ""))
         if layer.dead_units:
-            notes.append(Text(f"  dead units: {units_text(layer.dead_units)}"))
+            lines.append(Text(f"  dead units: {units_text(layer.dead_units)}"))
     if not report.flagged:
-        notes.append(Text("no site flagged", style="green"))
-    return Group(table, *notes)
+        lines.append(Text("no site flagged", style="green"))
+    return Group(title, table, *lines, *notes(report))
 
 
 def cmd_summary(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -116,20 +125,23 @@ def cmd_summary(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
-        out.print(summary_view(log, report))
+        print_fitted(out, summary_view(log, report))
     if args.fail_on:
-        failing = [layer.name for layer in report.layers if LEVELS[layer.status] >= LEVELS[args.fail_on]]
+        failing = [layer.name for layer in report.layers
+                   if layer.status != IDLE and LEVELS[layer.status] >= LEVELS[args.fail_on]]
         if failing:
-            err.print(f"deadwatch: {len(failing)} site(s) at or above {args.fail_on}: {', '.join(failing)}")
+            err.print(f"deadwatch: {len(failing)} site(s) at or above {args.fail_on}: {', '.join(failing)}",
+                      markup=False, highlight=False, soft_wrap=True)
             return 1
     return 0
 
 
 def cmd_compare(args: argparse.Namespace, out: Console, err: Console) -> int:
     a, b = (_read(d, err).last for d in (args.run_a, args.run_b))
-    table = Table(title=Text(f"A = {args.run_a} (step {a.step})   B = {args.run_b} (step {b.step})"),
-                  title_justify="left")
-    for column in ("site", "A dead", "A status", "B dead", "B status", "change"):
+    title = title_line(f"A = {args.run_a} (step {a.step})   B = {args.run_b} (step {b.step})")
+    table = Table()
+    site_column(table)
+    for column in ("A dead", "A status", "B dead", "B status", "change"):
         table.add_column(column, justify="right" if "dead" in column else "left")
     by_a = {layer.name: layer for layer in a.layers}
     by_b = {layer.name: layer for layer in b.layers}
@@ -138,14 +150,18 @@ def cmd_compare(args: argparse.Namespace, out: Console, err: Console) -> int:
         cells = []
         for layer in (la, lb):
             cells += ["-", Text("absent", style="dim")] if layer is None else \
-                [f"{len(layer.dead_units)} ({percent(layer.dead_fraction)})", Text(layer.status, style=STYLES[layer.status])]
+                [dead_cell(layer), Text(layer.status, style=STYLES[layer.status])]
         if la is None or lb is None:
             change = Text("")
+        elif la.dead_fraction is None or lb.dead_fraction is None:
+            change = Text("-", style=STYLES[IDLE])
         else:
             delta = lb.dead_fraction - la.dead_fraction
             change = Text(f"{100 * delta:+.1f} pts", style="green" if delta < 0 else "red" if delta > 0 else "")
         table.add_row(Text(name), *cells, change)
-    out.print(table)
+    ended = [Text(f"{label} ended in an error after step {r.step}: {r.error}", style="bold red")
+             for label, r in (("A", a), ("B", b)) if r.error is not None]
+    print_fitted(out, Group(title, table, *ended))
     return 0
 
 
@@ -157,12 +173,13 @@ def cmd_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     for name in ("healthy", "dying"):
         log = runlog.read(os.path.join(logdir, name))
         out.print()
-        out.print(summary_view(log, log.last))
+        print_fitted(out, summary_view(log, log.last))
     dying, healthy = os.path.join(logdir, "dying"), os.path.join(logdir, "healthy")
     tensorboard, deadwatch = _command("tensorboard"), _command("deadwatch")
     out.print(f"\nOpen the dashboards:  {tensorboard} --logdir {logdir}\n"
               f"Summaries again:      {deadwatch} summary {dying}\n"
-              f"Did the fix help?     {deadwatch} compare {dying} {healthy}", markup=False, highlight=False)
+              f"Did the fix help?     {deadwatch} compare {dying} {healthy}", markup=False, highlight=False,
+              soft_wrap=True)
     return 0
 
 
@@ -180,7 +197,8 @@ def parser() -> Parser:
     s = sub.add_parser("summary", help="the last report of a run, with trends and flagged sites")
     s.add_argument("run_dir", metavar="RUN_DIR", help="a logdir given to deadwatch.watch() (holds deadwatch.jsonl)")
     s.add_argument("--json", action="store_true", help="print the last report as one JSON object")
-    s.add_argument("--fail-on", choices=("warn", "critical"), help="exit 1 when a site is at or above this level")
+    s.add_argument("--fail-on", choices=("warn", "critical", "nonfinite"),
+                   help="exit 1 when a site is at or above this level (nonfinite is above critical; idle sites never)")
     s.add_argument("--site", metavar="REGEX", help="only sites whose name matches REGEX (re.search)")
     s.set_defaults(run=cmd_summary)
     c = sub.add_parser("compare", help="two runs side by side, per site")

@@ -143,8 +143,7 @@ def test_console_reporter_on_a_real_monitor():
     with torch.no_grad():
         model[0].bias[:5] = -100.0  # units 0..4 never fire
     buf = io.StringIO()
-    with deadwatch.watch(model, reporters=[], report_every=3, window=3) as monitor:
-        monitor._reporters.append(ConsoleReporter(file=buf))
+    with deadwatch.watch(model, reporters=[ConsoleReporter(file=buf)], report_every=3, window=3) as monitor:
         for _ in range(3):
             model(torch.randn(8, 4)).sum().backward()
             monitor.step()
@@ -179,8 +178,7 @@ class Gated(nn.Module):
 def test_bracketed_module_name_from_a_real_monitor():
     model = Gated()
     buf = io.StringIO()
-    with deadwatch.watch(model, reporters=[], report_every=1) as monitor:
-        monitor._reporters.append(ConsoleReporter(file=buf))
+    with deadwatch.watch(model, reporters=[ConsoleReporter(file=buf)], report_every=1) as monitor:
         model(torch.randn(3, 4))
         monitor.step()
         assert [lr.name for lr in monitor.report().layers] == ["acts.act[relu]"]

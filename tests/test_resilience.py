@@ -36,6 +36,7 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from torch import nn
 
 import deadwatch
+import deadwatch.monitor  # noqa: F401  (lazy in deadwatch/__init__: import it before a fork)
 import deadwatch.reporters.runlog  # noqa: F401  (imported before a forked child drops privileges)
 import deadwatch.reporters.tensorboard  # noqa: F401
 from deadwatch.reporters import runlog
