@@ -20,6 +20,7 @@ HINTS = {
               "Try a lower LR, He init, LeakyReLU/ELU, normalisation",
     NONFINITE: "NaN/inf output: training likely diverged; lower the LR, clip gradients, check inputs and AMP scaling",
 }
+FLAGS = ("dormant", "saturated", "rare")  # verdicts besides dead, flagged from thresholds.warn of a site's units
 STYLES = {OK: "green", WARN: "yellow", CRITICAL: "bold red", NONFINITE: "bold magenta", IDLE: "dim"}
 
 
@@ -36,6 +37,15 @@ class LayerReport:
     observations: int
     status: str
     firing_rate: np.ndarray | None = field(default=None, repr=False, compare=False)  # per unit, interval
+    # Verdicts besides dead (absent from run logs written before them: these defaults then)
+    dormant_units: list[int] = field(default_factory=list)    # score mean|h_i| / mean_k mean|h_k| <= dormant_tau
+    dormant_fraction: float | None = None      # None when the site ran no counted forward in the interval
+    saturated_units: list[int] = field(default_factory=list)  # bounded activations only
+    saturated_fraction: float | None = None    # 0.0 at sites whose activation is not bounded
+    rare_units: list[int] = field(default_factory=list)       # fired in > 0 and < rare_rate of counted values
+    last_fired: list[int] | None = field(default=None, repr=False)  # per unit: step (from 1) it last fired, -1 never
+    bounds: list[float] | None = None          # [lower, upper] of a bounded activation
+    flags: list[str] = field(default_factory=list)  # FLAGS whose share of units is at least thresholds.warn
 
     @property
     def hint(self) -> str | None:
@@ -123,6 +133,22 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
     dead_fraction = None if idle else len(dead) / units if units else 0.0
     obs = figures.observations
     rate = figures.fired / obs if obs else None
+    dormant, saturated, rare = [], [], []
+    dormant_fraction: float | None = None
+    saturated_fraction: float | None = None if figures.bounds is not None else 0.0
+    if obs and units:
+        dormant = sorted(set(_dormant(figures.abs_sum, config.dormant_tau)) | set(dead))
+        dormant_fraction = len(dormant) / units
+        rare = np.flatnonzero((rate > 0) & (rate < config.rare_rate)).tolist()
+        if figures.bounds is not None:
+            saturated = np.flatnonzero(figures.near >= config.saturation_share * obs).tolist()
+            saturated_fraction = len(saturated) / units
+    flags = []
+    if not idle and units:
+        for name, count in (("dormant", len(dormant)), ("saturated", len(saturated)), ("rare", len(rare))):
+            if count and count / units >= config.warn:
+                flags.append(name)
+    last = figures.last_fired
     return LayerReport(
         name=figures.name,
         kind=figures.kind,
@@ -133,4 +159,23 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
         observations=obs,
         status=IDLE if idle else status(dead_fraction, figures.judged and figures.nonfinite, config),
         firing_rate=rate,
+        dormant_units=dormant,
+        dormant_fraction=dormant_fraction,
+        saturated_units=saturated,
+        saturated_fraction=saturated_fraction,
+        rare_units=rare,
+        last_fired=np.where(last >= 0, last + 1, -1).tolist() if last is not None else None,
+        bounds=list(figures.bounds) if figures.bounds is not None else None,
+        flags=flags,
     )
+
+
+def _dormant(abs_sum: np.ndarray, tau: float) -> list[int]:
+    """Units whose mean |output| is at most tau times the mean over the site's units (the interval's value
+    count is the same for every unit, so the sums compare as the means do). A unit with a NaN/inf sum is left
+    out of the mean and is not dormant; when every unit's sum is 0 every unit is dormant."""
+    finite = np.isfinite(abs_sum)
+    if not finite.any():
+        return []
+    mean = float(abs_sum[finite].mean())
+    return np.flatnonzero(finite & (abs_sum <= tau * mean)).tolist()

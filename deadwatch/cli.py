@@ -20,10 +20,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import CRITICAL, IDLE, NONFINITE, OK, STYLES, WARN, LayerReport, Report
+from .analysis import CRITICAL, FLAGS, IDLE, NONFINITE, OK, STYLES, WARN, LayerReport, Report
 from .errors import DeadwatchError
 from .reporters import runlog
-from .reporters.console import dead_cell, headline, notes, percent, print_fitted, site_column, title_line
+from .reporters.console import (count_cell, dead_cell, died_text, flag_lines, flags_cell, has_verdicts, headline, notes,
+                                percent, print_fitted, site_column, title_line)
 
 LEVELS = {OK: 0, WARN: 1, CRITICAL: 2, NONFINITE: 3}  # --fail-on; an idle site is not judged, so never fails
 PROGRESS_MIN_BYTES = 1 << 20
@@ -102,19 +103,24 @@ def summary_view(log: runlog.RunLog, report: Report) -> Group:
                        f"{headline(report)}")
     table = Table()
     site_column(table)
-    for column, justify in (("kind", "left"), ("units", "right"), ("dead", "right"),
-                            ("zero frac", "right"), ("dead trend", "left"), ("status", "left")):
+    verdicts = has_verdicts(report)
+    columns = [("kind", "left"), ("units", "right"), ("dead", "right"), ("zero frac", "right")]
+    columns += [("dormant", "right"), ("flags", "left")] * verdicts + [("dead trend", "left"), ("status", "left")]
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     for layer in report.layers:
-        table.add_row(Text(layer.name), Text(layer.kind), str(layer.units), dead_cell(layer),
-                      percent(layer.zero_fraction), _trend(first.get(layer.name), layer),
-                      Text(layer.status, style=STYLES[layer.status]))
-    lines = []
+        cells = [Text(layer.name), Text(layer.kind), str(layer.units), dead_cell(layer), percent(layer.zero_fraction)]
+        if verdicts:
+            cells += [count_cell(layer.dormant_units, layer.dormant_fraction), flags_cell(layer)]
+        cells += [_trend(first.get(layer.name), layer), Text(layer.status, style=STYLES[layer.status])]
+        table.add_row(*cells)
+    lines = flag_lines(report)
     for layer in report.flagged:
         lines.append(Text.assemble((f"{layer.name} ({layer.status}): ", STYLES[layer.status]), layer.hint or ""))
         if layer.dead_units:
-            lines.append(Text(f"  dead units: {units_text(layer.dead_units)}"))
-    if not report.flagged:
+            died = died_text(layer)
+            lines.append(Text(f"  dead units: {units_text(layer.dead_units)}" + (f"; {died}" if died else "")))
+    if not lines:
         lines.append(Text("no site flagged", style="green"))
     return Group(title, table, *lines, *notes(report))
 
@@ -126,7 +132,13 @@ def cmd_summary(args: argparse.Namespace, out: Console, err: Console) -> int:
         print(json.dumps(report.to_dict()))
     else:
         print_fitted(out, summary_view(log, report))
-    if args.fail_on:
+    if args.fail_on in FLAGS:
+        failing = [layer.name for layer in report.layers if layer.status != IDLE and args.fail_on in layer.flags]
+        if failing:
+            err.print(f"deadwatch: {len(failing)} site(s) flagged {args.fail_on}: {', '.join(failing)}",
+                      markup=False, highlight=False, soft_wrap=True)
+            return 1
+    elif args.fail_on:
         failing = [layer.name for layer in report.layers
                    if layer.status != IDLE and LEVELS[layer.status] >= LEVELS[args.fail_on]]
         if failing:
@@ -197,8 +209,9 @@ def parser() -> Parser:
     s = sub.add_parser("summary", help="the last report of a run, with trends and flagged sites")
     s.add_argument("run_dir", metavar="RUN_DIR", help="a logdir given to deadwatch.watch() (holds deadwatch.jsonl)")
     s.add_argument("--json", action="store_true", help="print the last report as one JSON object")
-    s.add_argument("--fail-on", choices=("warn", "critical", "nonfinite"),
-                   help="exit 1 when a site is at or above this level (nonfinite is above critical; idle sites never)")
+    s.add_argument("--fail-on", choices=("warn", "critical", "nonfinite") + FLAGS,
+                   help="exit 1 when a site is at or above this level (nonfinite is above critical; idle sites never), "
+                        "or, for dormant, saturated or rare, when a site carries that flag")
     s.add_argument("--site", metavar="REGEX", help="only sites whose name matches REGEX (re.search)")
     s.set_defaults(run=cmd_summary)
     c = sub.add_parser("compare", help="two runs side by side, per site")

@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError
 
 REPORTERS = ("console", "jsonl", "tensorboard")
+SUBKEYS = {"thresholds": ("warn", "critical"), "saturation": ("share", "eps")}
 FILE_REPORTERS = ("jsonl", "tensorboard")
 FUNCTIONS = (
     "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "mish",
@@ -40,6 +41,10 @@ class Config:
     watch_every: int
     functions: tuple[str, ...]
     unit_axis: tuple[tuple[str, int], ...]
+    dormant_tau: float = 0.025
+    saturation_share: float = 0.99
+    saturation_eps: float = 0.01
+    rare_rate: float = 0.01
     reporters_given: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +62,9 @@ class Config:
             "watch_every": self.watch_every,
             "functions": list(self.functions),
             "unit_axis": dict(self.unit_axis),
+            "dormant_tau": self.dormant_tau,
+            "saturation": {"share": self.saturation_share, "eps": self.saturation_eps},
+            "rare_rate": self.rare_rate,
         }
 
 
@@ -76,11 +84,12 @@ def load(config: str | os.PathLike | Mapping | None = None, **overrides: Any) ->
         for key, value in source.items():
             if key not in merged:
                 raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(merged))}")
-            if key == "thresholds" and isinstance(value, Mapping):
+            if key in SUBKEYS and isinstance(value, Mapping):
                 for sub in value:
-                    if sub not in ("warn", "critical"):
-                        raise ConfigError(f"unknown config key 'thresholds.{sub}'; allowed: thresholds.warn, thresholds.critical")
-                merged["thresholds"] = {**merged["thresholds"], **value}
+                    if sub not in SUBKEYS[key]:
+                        allowed = ", ".join(f"{key}.{s}" for s in SUBKEYS[key])
+                        raise ConfigError(f"unknown config key '{key}.{sub}'; allowed: {allowed}")
+                merged[key] = {**merged[key], **value}
             elif key == "reporters" and isinstance(value, (list, tuple)):
                 merged[key] = list(value)  # reporter objects are the caller's: not copied
             else:
@@ -181,6 +190,16 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
     critical = _fraction("thresholds.critical", thresholds["critical"])
     if warn > critical:
         raise ConfigError(f"thresholds.warn ({warn}) must not exceed thresholds.critical ({critical})")
+    saturation = m["saturation"]
+    if not isinstance(saturation, Mapping):
+        raise ConfigError(f"saturation must be a mapping with share and eps, got {saturation!r}")
+    share = _fraction("saturation.share", saturation["share"])
+    if share == 0:
+        raise ConfigError("saturation.share must be above 0 (a share of 0 calls every unit saturated), got 0")
+    eps = _fraction("saturation.eps", saturation["eps"])
+    if not eps < 0.5:
+        raise ConfigError(f"saturation.eps must be below 0.5 (a fraction of the output range from each bound), "
+                          f"got {eps}")
     if not isinstance(m["count_eval"], bool):
         raise ConfigError(f"count_eval must be true or false, got {m['count_eval']!r}")
     axes = m["unit_axis"] or {}
@@ -206,5 +225,9 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         watch_every=_int("watch_every", m["watch_every"]),
         functions=tuple(dict.fromkeys(_names("functions", m["functions"], FUNCTIONS))),
         unit_axis=tuple(axes.items()),
+        dormant_tau=_fraction("dormant_tau", m["dormant_tau"]),
+        saturation_share=share,
+        saturation_eps=eps,
+        rare_rate=_fraction("rare_rate", m["rare_rate"]),
         reporters_given=reporters_given,
     )

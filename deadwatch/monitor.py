@@ -131,7 +131,10 @@ class Monitor:
         sites = _check_state(state)
         if _rank() != 0:  # the saved counts are every rank's, merged: rank 0 holds them, so a report adds them once
             for saved in sites.values():
-                saved["fired"], saved["observations"] = torch.zeros_like(saved["fired"]), 0
+                for name in stats.INTERVAL:
+                    if name in saved:
+                        saved[name] = torch.zeros_like(saved[name])
+                saved["observations"] = 0
         self.steps = state["steps"]
         self._reported_step = state["reported_step"]
         self._registry.reset_pending = state["interval_reset_pending"]
@@ -291,6 +294,8 @@ def _check_state(state: Any) -> dict[str, dict]:
         if isinstance(saved.get("last_ran"), bool) or not isinstance(saved.get("last_ran"), int) or saved["last_ran"] < -1:
             raise bad(f"site {name!r}: 'last_ran' must be an integer >= -1, got {saved.get('last_ran')!r}")
         for key in stats.SAVED:
+            if key in stats.ADDED_LATER and key not in saved:
+                continue
             t = saved.get(key)
             if not isinstance(t, torch.Tensor) or t.shape != (saved["units"],):
                 raise bad(f"site {name!r}: {key!r} must be a tensor of {saved['units']} values")

@@ -31,21 +31,36 @@ BUFFERS = (
     Buffer("step_max", None, "lowest", False, "the largest output this step (the dtype's lowest when it did not run)"),
     Buffer("step_fired", torch.float64, 0.0, False, "values > threshold this step (whole numbers: exact below 2**53)"),
     Buffer("fired", torch.float64, 0.0, True, "values > threshold this interval"),
+    Buffer("step_abs", torch.float64, 0.0, False, "sum of |output| this step, counted values (for dormant)"),
+    Buffer("abs_sum", torch.float64, 0.0, True, "sum of |output| this interval, counted values"),
+    Buffer("step_near", torch.float32, 0.0, False, "values near a bound this step (bounded sites only)"),
+    Buffer("near", torch.float64, 0.0, True, "values near a bound this interval (bounded sites only)"),
     Buffer("last_fired", torch.int32, -1, True, "last step in which the unit fired, -1 for never"),
     Buffer("last_nonfinite", torch.int32, -1, True, "last step with a NaN/inf output, -1 for never"),
     Buffer("threshold", None, "threshold", False, "the activation's value at pre-activation 0"),
 )
 SAVED = tuple(b.name for b in BUFFERS if b.saved)
+# Buffers of one dtype folded together: each pair lives in the rows of one (2, units) tensor, so closing a
+# step masks, adds and zeroes both with one op each.
+PAIRS = (("step_fired", "step_abs"), ("fired", "abs_sum"))
+ADDED_LATER = ("abs_sum", "near")  # absent from older checkpoints: they start at 0 there
+INTERVAL = ("fired", "abs_sum", "near")  # the per-interval sums: zeroed at an interval reset, added across ranks
 
 
 class Site:
     """One place where an activation runs (capture finds it) and its per-unit counters: views into
     the buffers of the Counters for its device and dtype."""
 
-    def __init__(self, name: str, kind: str, threshold: float, nonnegative: bool, first_step: int, subsample: int):
+    def __init__(self, name: str, kind: str, threshold: float, nonnegative: bool, first_step: int, subsample: int,
+                 bounds: tuple[float, float] | None = None, saturation_eps: float = 0.01):
         self.name = name              # the name it is reported under (capture decides it)
         self.kind = kind
         self.threshold = threshold
+        self.bounds = bounds          # (lower, upper) of a bounded activation (Tanh, Sigmoid, ...), else None
+        if bounds is not None:        # "near a bound": |output - middle| > reach, i.e. closer than eps*(upper-lower)
+            lower, upper = bounds
+            self.middle = (lower + upper) / 2
+            self.reach = (upper - lower) / 2 - saturation_eps * (upper - lower)
         self.nonnegative = nonnegative  # output can never be < 0 (ReLU-like): sign(output) is "fired"
         self.subsample = subsample    # counts on the first 1/subsample of the batch
         self.first_step = first_step
@@ -61,6 +76,8 @@ class Site:
         self.counters: Counters | None = None
         self.step_max: torch.Tensor | None = None    # views kept for the hook path's out= arguments
         self.step_fired: torch.Tensor | None = None
+        self.step_abs: torch.Tensor | None = None
+        self.step_near: torch.Tensor | None = None
         self.warned = False
 
     @property
@@ -83,13 +100,14 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
     One pass over the whole output, its per-unit max: exact "fired at all" and NaN/inf. The
     fired count (for zero_fraction) comes from the first 1/count_subsample of the batch: the
     sign of (output - threshold), summed (sign, not a bool `>`: summing float 0/1 is several
-    times faster than summing bools). Each extra pass over a large activation costs memory
+    times faster than summing bools). The same rows give the per-unit sum of |output| (the
+    dormant score) and, at bounded activations only, the count of values near a bound. Each extra pass over a large activation costs memory
     bandwidth, which is what the training step is made of.
 
     `mask` (True/1 = a real position, shaped like the output without its unit axis) leaves the
     other positions (padding) out of everything; it is ignored where the shapes differ.
     """
-    x = out.detach()
+    x = raw = out.detach()
     if x.ndim != site.ndim or x.shape[site.axis] != site.units:
         site.warn_once(f"output shape {tuple(x.shape)} does not have its {site.units} units on dim {site.axis}; call skipped")
         return
@@ -109,18 +127,36 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
     if site.subsample > 1:
         batch = site.dims[0]
         rows = -(-x.shape[batch] // site.subsample)
-        x = x.narrow(batch, 0, rows)
+        x, raw = x.narrow(batch, 0, rows), raw.narrow(batch, 0, rows)
         keep = keep.narrow(batch, 0, rows) if keep is not None else None
     n = x.numel() // site.units
     if site.nonnegative and keep is None:  # ReLU-like: output >= 0, so sign(output) is 1 exactly where it fired
         fired = torch.sign(x)
     else:
         fired = torch.sign(x - site.threshold if site.threshold else x).clamp_(min=0)
+    wide = n >= EXACT_FLOAT32 or x.dtype == torch.float64
     if first:
         torch.sum(fired, site.dims, dtype=torch.float64, out=site.step_fired)
     else:
-        wide = n >= EXACT_FLOAT32 or x.dtype == torch.float64
         site.step_fired.add_(torch.sum(fired, site.dims, dtype=torch.float64 if wide else torch.float32))
+    # Dormant: the sum of |output| per unit (a ReLU-like output is its own magnitude); padding adds 0.
+    if keep is not None:
+        magnitude = raw.masked_fill(keep.logical_not(), 0).abs_()
+    else:
+        magnitude = raw if site.nonnegative else raw.abs()
+    if first:
+        torch.sum(magnitude, site.dims, dtype=torch.float64, out=site.step_abs)
+    else:
+        site.step_abs.add_(torch.sum(magnitude, site.dims, dtype=torch.float64))
+    if site.bounds is not None:  # bounded activations only: values within eps*(upper-lower) of a bound
+        centred = raw - site.middle
+        if keep is not None:
+            centred.masked_fill_(keep.logical_not(), 0)  # the middle: never near a bound
+        near = centred.abs_().sub_(site.reach).sign_().clamp_(min=0)
+        if first:
+            torch.sum(near, site.dims, dtype=torch.float32, out=site.step_near)
+        else:
+            site.step_near.add_(torch.sum(near, site.dims, dtype=torch.float64 if wide else torch.float32))
     site.step_observations = site.step_observations + (keep.sum() if keep is not None else n)
 
 
@@ -133,6 +169,8 @@ class Counters:
         self.lowest = torch.finfo(dtype).min
         self.fold_count = 0  # changes at every fold: a site whose `seen` differs has not run this step
         self.sites: list[Site] = []
+        self.pairs: dict[str, torch.Tensor] = {}  # PAIRS[i][0] -> the (2, units) tensor its pair are rows of
+        self.bounded = False  # some site counts values near a bound: step_near needs folding
         for b in BUFFERS:
             setattr(self, b.name, torch.empty(0, dtype=b.dtype or dtype, device=device))
 
@@ -147,9 +185,15 @@ class Counters:
             fill = self.lowest if b.initial == "lowest" else site.threshold if b.initial == "threshold" else b.initial
             grown = torch.full((site.units,), fill, dtype=b.dtype or self.dtype, device=self.device)
             setattr(self, b.name, torch.cat([getattr(self, b.name), grown]))
+        for first, second in PAIRS:
+            both = self.pairs[first] = torch.stack([getattr(self, first), getattr(self, second)])
+            setattr(self, first, both[0])
+            setattr(self, second, both[1])
+        self.bounded = self.bounded or site.bounds is not None
         self.sites.append(site)
         for s in self.sites:  # the buffers are new: point every site at them again
             s.step_max, s.step_fired = self.step_max[s.slice], self.step_fired[s.slice]
+            s.step_abs, s.step_near = self.step_abs[s.slice], self.step_near[s.slice]
 
     def fold(self, step: int) -> None:
         """Close training step `step`: a unit whose step max is NaN/inf does not fire in it."""
@@ -157,8 +201,12 @@ class Counters:
         self.last_fired.masked_fill_((self.step_max > self.threshold).logical_and_(ok), step)
         bad = ok.logical_not_()
         self.last_nonfinite.masked_fill_(bad, step)
-        self.fired += self.step_fired.masked_fill_(bad, 0)
-        self.step_fired.zero_()
+        step_sums = self.pairs["step_fired"]  # rows: step_fired, step_abs
+        self.pairs["fired"] += step_sums.masked_fill_(bad, 0)  # rows: fired, abs_sum
+        step_sums.zero_()
+        if self.bounded:
+            self.near += self.step_near.masked_fill_(bad, 0)
+            self.step_near.zero_()
         self.step_max.fill_(self.lowest)
         self.fold_count += 1
 
@@ -191,7 +239,8 @@ class Registry:
             site.step_observations = 0
         for counters in self.by_device.values():
             if self.reset_pending:
-                counters.fired.zero_()
+                for name in INTERVAL:
+                    getattr(counters, name).zero_()
             counters.fold(step)
         self.reset_pending = False
 
@@ -208,7 +257,8 @@ class Registry:
     def restore(self, site: Site, saved: dict) -> None:
         """Put a site's saved counters back (called when the site first runs after load_state_dict)."""
         for name in SAVED:
-            site.buffer(name).copy_(saved[name])
+            if name in saved:  # a checkpoint from before abs_sum/near: those start at 0
+                site.buffer(name).copy_(saved[name])
         site.first_step = saved["first_step"]
         site.last_ran = saved["last_ran"]
         site.observations = saved["observations"]

@@ -212,6 +212,8 @@ def _wrong_values(default):
         return ["yes", 1, None, [True]]
     if isinstance(default, int):
         return [0, -1, True, False, "1", 1.5, None, [1]]
+    if isinstance(default, float):  # fractions (dormant_tau, rare_rate)
+        return ["0.1", True, None, -0.5, 1.5, [0.1]]
     if isinstance(default, list):
         return ["relu", 5, {"a": 1}]
     if isinstance(default, dict):

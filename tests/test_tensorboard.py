@@ -102,6 +102,7 @@ def exact_run(tmp_path_factory):
 
 def scalar_tags(sites):
     return ({f"deadwatch/dead_fraction/{s}" for s in sites} | {f"deadwatch/zero_fraction/{s}" for s in sites}
+            | {f"deadwatch/dormant_fraction/{s}" for s in sites}
             | {"deadwatch/dead_fraction/all", "deadwatch/flagged_sites",
                "deadwatch/threshold/warn", "deadwatch/threshold/critical"})
 

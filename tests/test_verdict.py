@@ -394,7 +394,9 @@ def test_report_to_dict_is_json_and_matches():
     dead = sum(len(layer.dead_units) for layer in report.layers)
     assert d["dead_fraction"] == pytest.approx(dead / d["units"])
     assert d["flagged"] == [layer.name for layer in report.layers if layer.status != "ok"]
-    fields = {"name", "kind", "units", "dead_units", "dead_fraction", "zero_fraction", "observations", "status"}
+    fields = {"name", "kind", "units", "dead_units", "dead_fraction", "zero_fraction", "observations", "status",
+              "dormant_units", "dormant_fraction", "saturated_units", "saturated_fraction", "rare_units", "last_fired",
+              "bounds", "flags"}
     assert [ld["name"] for ld in d["layers"]] == ALL_SITES + ["extra_act"]
     for ld, layer in zip(d["layers"], report.layers):
         assert set(ld) == fields

@@ -50,3 +50,17 @@ def module_threshold(module: nn.Module) -> float:
         return value if math.isfinite(value) else 0.0
     except Exception:
         return fire_threshold(kind)
+
+
+# Activations with a bounded output: (lower, upper). Saturation is counted only at these sites.
+BOUNDED = {"tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0), "sigmoid": (0.0, 1.0), "hardsigmoid": (0.0, 1.0),
+           "relu6": (0.0, 6.0), "hardtanh": (-1.0, 1.0)}
+
+
+def output_bounds(kind: str, module: nn.Module | None = None) -> tuple[float, float] | None:
+    """The output range of a bounded activation, None for the others; Hardtanh (and ReLU6, its subclass)
+    from the module's own min_val/max_val."""
+    bounds = BOUNDED.get(kind.lower())
+    if bounds is not None and module is not None and hasattr(module, "min_val") and hasattr(module, "max_val"):
+        bounds = (float(module.min_val), float(module.max_val))
+    return bounds if bounds is not None and bounds[1] > bounds[0] else None

@@ -20,7 +20,7 @@ from torch import nn
 from .. import stats
 from ..config import Config
 from ..errors import DeadwatchError
-from .activations import NONNEGATIVE, fire_threshold, is_activation, module_threshold
+from .activations import NONNEGATIVE, fire_threshold, is_activation, module_threshold, output_bounds
 from .axis import unit_axis
 from .functions import PATCH
 
@@ -142,7 +142,8 @@ class Capture:
         site = self.sites.get(site_key, False)
         if site is False:
             parent = self.model.get_submodule(path.rpartition(".")[0]) if path else None
-            site = self._new_site(site_key, type(module).__name__, self.thresholds[key], out, parent, module)
+            site = self._new_site(site_key, type(module).__name__, self.thresholds[key], out, parent, module,
+                                  output_bounds(type(module).__name__, module))
         if site is not None:
             stats.record(site, out, self.mask)
 
@@ -161,7 +162,8 @@ class Capture:
         site = self.sites.get(site_key, False)
         if site is False:
             beta = kwargs.get("beta", args[1] if fn_name == "softplus" and len(args) > 1 else 1.0)
-            site = self._new_site(site_key, fn_name, fire_threshold(fn_name, beta), out, module)
+            site = self._new_site(site_key, fn_name, fire_threshold(fn_name, beta), out, module,
+                                  bounds=output_bounds(fn_name))
         if site is not None:
             stats.record(site, out, self.mask)
 
@@ -178,11 +180,13 @@ class Capture:
         return (str(key), key.path) if key.function is None and key.call == 0 else (str(key),)
 
     def _new_site(self, key: SiteKey, kind: str, threshold: float, out: torch.Tensor,
-                  context: nn.Module | None, module: nn.Module | None = None) -> stats.Site | None:
+                  context: nn.Module | None, module: nn.Module | None = None,
+                  bounds: tuple[float, float] | None = None) -> stats.Site | None:
         site, names = None, self._aliases(key)
         if self._wanted(names) and out.is_floating_point() and out.ndim >= 2:
             nonnegative = threshold == 0 and kind.lower() in NONNEGATIVE
-            site = stats.Site(names[-1], kind, threshold, nonnegative, self.step(), self.config.count_subsample)
+            site = stats.Site(names[-1], kind, threshold, nonnegative, self.step(), self.config.count_subsample,
+                              bounds, self.config.saturation_eps)
             self.registry.add(site, out, unit_axis(out, names, self.config, context, module))
             self._restore(site, names)
         self.sites[key] = site

@@ -10,7 +10,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis import IDLE, STYLES, LayerReport, Report
+from ..analysis import IDLE, OK, STYLES, LayerReport, Report
 
 UNBOUNDED = 1 << 16  # columns: measure a renderable's natural width without a console's limit
 
@@ -22,6 +22,50 @@ def percent(fraction: float | None) -> str:
 def dead_cell(layer: LayerReport) -> str:
     """'3 (1.5%)'; '-' for an idle site, which is not judged."""
     return "-" if layer.dead_fraction is None else f"{len(layer.dead_units)} ({percent(layer.dead_fraction)})"
+
+
+def count_cell(units: list[int], fraction: float | None) -> str:
+    """'2 (25.0%)' for a verdict's units; '-' when the site ran no counted forward in the interval."""
+    return "-" if fraction is None else f"{len(units)} ({percent(fraction)})"
+
+
+def has_verdicts(report: Report) -> bool:
+    """The report carries the verdicts besides dead (reports from run logs written before them do not)."""
+    return any(layer.dormant_fraction is not None or layer.flags for layer in report.layers)
+
+
+def flags_cell(layer: LayerReport) -> Text:
+    return Text(", ".join(layer.flags), style="yellow")
+
+
+def died_text(layer: LayerReport) -> str:
+    """When the dead units last fired: '3 died at steps 41–43' (a unit dies after the step it last fired in),
+    '2 never fired'; '' when last_fired is not known."""
+    if layer.last_fired is None or not layer.dead_units:
+        return ""
+    steps = [layer.last_fired[u] for u in layer.dead_units]
+    fired = [s for s in steps if s >= 0]
+    parts = []
+    if fired:
+        lo, hi = min(fired), max(fired)
+        parts.append(f"{len(fired)} died at step{'s' if hi > lo else ''} {lo}{'–' + str(hi) if hi > lo else ''}")
+    if len(fired) < len(steps):
+        parts.append(f"{len(steps) - len(fired)} never fired")
+    return ", ".join(parts)
+
+
+def flag_lines(report: Report) -> list[Text]:
+    """One line per site whose status is ok but that has flags (dormant, saturated, rare); flagged sites
+    show their flags in the table."""
+    lines = []
+    for layer in report.layers:
+        if layer.flags and layer.status == OK:
+            counts = {"dormant": f"{len(layer.dormant_units)} dormant",
+                      "saturated": f"{len(layer.saturated_units)} saturated",
+                      "rare": f"{len(layer.rare_units)} rarely firing"}
+            lines.append(Text.assemble((f"{layer.name}: ", "yellow"),
+                                       f"{', '.join(counts[f] for f in layer.flags)} of {layer.units} units"))
+    return lines
 
 
 def headline(report: Report) -> str:
@@ -62,14 +106,24 @@ def render(report: Report, title: str | None = None) -> Group:
     table.add_column("units", justify="right")
     table.add_column("dead", justify="right")
     table.add_column("zero frac", justify="right")
+    verdicts = has_verdicts(report)
+    if verdicts:  # before status: status stays the last column, as in reports without these verdicts
+        table.add_column("dormant", justify="right")
+        table.add_column("flags")
     table.add_column("status")
     for layer in report.layers:
-        table.add_row(Text(layer.name), Text(layer.kind), str(layer.units), dead_cell(layer),
-                      percent(layer.zero_fraction), Text(layer.status, style=STYLES[layer.status]))
-    hints = [Text.assemble((f"{layer.name}: ", STYLES[layer.status]), layer.hint or "")
-             for layer in report.flagged]
+        cells = [Text(layer.name), Text(layer.kind), str(layer.units), dead_cell(layer), percent(layer.zero_fraction)]
+        if verdicts:
+            cells += [count_cell(layer.dormant_units, layer.dormant_fraction), flags_cell(layer)]
+        cells.append(Text(layer.status, style=STYLES[layer.status]))
+        table.add_row(*cells)
+    hints = []
+    for layer in report.flagged:
+        died = died_text(layer)
+        hints.append(Text.assemble((f"{layer.name}: ", STYLES[layer.status]), layer.hint or "",
+                                   f" ({died})" if died else ""))
     title = title or f"deadwatch: step {report.step}, window {report.window} steps, {headline(report)}"
-    return Group(title_line(title), table, *hints, *notes(report))
+    return Group(title_line(title), table, *flag_lines(report), *hints, *notes(report))
 
 
 def print_fitted(console: Console, renderable: RenderableType) -> None:

@@ -8,8 +8,8 @@ run. A new run may write into a logdir that holds earlier ones: readers take the
 the records since the last header that is not `resumed`.
 then one record per report:
     {"type": "report", "time": ISO time, **Report.to_dict(), "firing_rate": {site: [per-unit rate]}}
-Per-unit firing rates are written for sites of at most FIRING_RATE_CAP units (wider sites
-keep their dead unit indices only). Every record is flushed as it is written, so a run
+Per-unit firing rates, and each layer's per-unit `last_fired`, are written for sites of at most
+FIRING_RATE_CAP units (wider sites keep their dead unit indices only; their last_fired is null). Every record is flushed as it is written, so a run
 killed with SIGKILL keeps every report up to its last; a torn last line is skipped by readers.
 """
 
@@ -68,7 +68,11 @@ class RunLogReporter:
         if not self.header_written:
             self._write(self._header())
             self.header_written = True
-        self._write({"type": "report", "time": _now(), **report.to_dict(), "firing_rate": rates})
+        record = report.to_dict()
+        for layer in record["layers"]:
+            if layer["units"] > FIRING_RATE_CAP:
+                layer["last_fired"] = None
+        self._write({"type": "report", "time": _now(), **record, "firing_rate": rates})
 
     def close(self) -> None:
         pass

@@ -2,6 +2,8 @@
 
 Tags (stable: site names only, no shapes or counters):
   deadwatch/dead_fraction/<site>, deadwatch/zero_fraction/<site>   per site
+  deadwatch/dormant_fraction/<site>                                 per site (from its first counted run)
+  deadwatch/saturated_fraction/<site>                               per site with a bounded activation
   deadwatch/dead_fraction/all, deadwatch/flagged_sites              whole run
   deadwatch/threshold/warn, deadwatch/threshold/critical            the configured lines
   deadwatch/firing_rate/<site>                                      histogram over units
@@ -22,7 +24,7 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 
 from ..analysis import IDLE, NONFINITE, Report
 from ..config import Config
-from .console import dead_cell, headline, percent
+from .console import count_cell, dead_cell, died_text, flag_lines, has_verdicts, headline, percent
 
 HEATMAP_COLUMNS = 200   # reports kept in the heatmap (the latest)
 CELL_H, CELL_W = 12, 6  # pixels per site row and per report column
@@ -35,6 +37,10 @@ def layout(config: Config) -> dict:
     return {"deadwatch": {
         "dead fraction per site (with warn/critical thresholds)":
             ["Multiline", [r"deadwatch/dead_fraction/.*", r"deadwatch/threshold/.*"]],
+        "dormant fraction per site (with the warn threshold)":
+            ["Multiline", [r"deadwatch/dormant_fraction/.*", r"deadwatch/threshold/warn"]],
+        "saturated fraction per site (with the warn threshold)":
+            ["Multiline", [r"deadwatch/saturated_fraction/.*", r"deadwatch/threshold/warn"]],
         "zero fraction per site": ["Multiline", [r"deadwatch/zero_fraction/.*"]],
     }}
 
@@ -65,10 +71,19 @@ def heatmap(history: list[dict[str, float]], sites: list[str]) -> torch.Tensor:
 
 
 def markdown(report: Report) -> str:
-    rows = ["| site | kind | units | dead | zero frac | status |", "|---|---|---:|---:|---:|---|"]
-    rows += [f"| {layer.name} | {layer.kind} | {layer.units} | {dead_cell(layer)} "
-             f"| {percent(layer.zero_fraction)} | {layer.status} |" for layer in report.layers]
-    hints = [f"- **{layer.name}**: {layer.hint}" for layer in report.flagged]
+    if has_verdicts(report):
+        rows = ["| site | kind | units | dead | zero frac | dormant | flags | status |",
+                "|---|---|---:|---:|---:|---:|---|---|"]
+        rows += [f"| {layer.name} | {layer.kind} | {layer.units} | {dead_cell(layer)} | {percent(layer.zero_fraction)} "
+                 f"| {count_cell(layer.dormant_units, layer.dormant_fraction)} | {', '.join(layer.flags)} "
+                 f"| {layer.status} |" for layer in report.layers]
+    else:
+        rows = ["| site | kind | units | dead | zero frac | status |", "|---|---|---:|---:|---:|---|"]
+        rows += [f"| {layer.name} | {layer.kind} | {layer.units} | {dead_cell(layer)} "
+                 f"| {percent(layer.zero_fraction)} | {layer.status} |" for layer in report.layers]
+    hints = [f"- **{layer.name}**: {layer.hint}" + (f" ({died_text(layer)})" if died_text(layer) else "")
+             for layer in report.flagged]
+    hints += [f"- **{line.plain.split(': ', 1)[0]}**: {line.plain.split(': ', 1)[1]}" for line in flag_lines(report)]
     idle = [layer.name for layer in report.layers if layer.status == IDLE]
     if idle:
         hints.append(f"- idle (no counted forward in the window, not judged): {', '.join(idle)}")
@@ -133,6 +148,10 @@ class TensorBoardReporter:
                 w.add_scalar(f"deadwatch/dead_fraction/{layer.name}", layer.dead_fraction, step)
             if layer.zero_fraction is not None:
                 w.add_scalar(f"deadwatch/zero_fraction/{layer.name}", layer.zero_fraction, step)
+            if layer.dormant_fraction is not None:
+                w.add_scalar(f"deadwatch/dormant_fraction/{layer.name}", layer.dormant_fraction, step)
+            if layer.bounds is not None and layer.saturated_fraction is not None:
+                w.add_scalar(f"deadwatch/saturated_fraction/{layer.name}", layer.saturated_fraction, step)
             if layer.firing_rate is not None and layer.firing_rate.size:
                 w.add_histogram(f"deadwatch/firing_rate/{layer.name}", np.asarray(layer.firing_rate), step,
                                 bins=np.linspace(0.0, 1.0, 21))
