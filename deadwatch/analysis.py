@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .causes import Cause
+
 if TYPE_CHECKING:
     from .config import Config
     from .stats import Figures
@@ -46,9 +48,13 @@ class LayerReport:
     last_fired: list[int] | None = field(default=None, repr=False)  # per unit: step (from 1) it last fired, -1 never
     bounds: list[float] | None = None          # [lower, upper] of a bounded activation
     flags: list[str] = field(default_factory=list)  # FLAGS whose share of units is at least thresholds.warn
+    causes: list[Cause] = field(default_factory=list)  # why the dead units died, best first (flagged sites)
 
     @property
     def hint(self) -> str | None:
+        """The top cause with its evidence when the run left some, else the generic hint for the status."""
+        if self.causes and self.status in (WARN, CRITICAL):
+            return self.causes[0].hint()
         return HINTS.get(self.status)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +110,8 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> Report:
         layers = [LayerReport(**{k: layer[k] for k in LayerReport.__dataclass_fields__ if k in layer})
                   for layer in d["layers"]]
+        for layer in layers:
+            layer.causes = [Cause(**c) if isinstance(c, dict) else c for c in layer.causes]
         return cls(step=d["step"], window=d["window"], layers=layers, error=d.get("error"))
 
     def __rich__(self) -> Any:

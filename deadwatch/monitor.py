@@ -10,7 +10,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from . import analysis, config as config_mod, stats, sync
+from . import analysis, causes, config as config_mod, stats, sync
 from .capture import Capture
 from .config import FILE_REPORTERS, Config
 from .errors import ConfigError, DeadwatchError
@@ -18,9 +18,11 @@ from .reporters import Reporter
 
 
 def watch(model: nn.Module, config: Config | str | os.PathLike | Mapping | None = None,
-          logdir: str | os.PathLike | None = None, **overrides: Any) -> Monitor:
-    """Start watching `model`'s activations. Call monitor.step() once per training step."""
-    return Monitor(model, config, logdir, **overrides)
+          logdir: str | os.PathLike | None = None, optimizer: torch.optim.Optimizer | None = None,
+          **overrides: Any) -> Monitor:
+    """Start watching `model`'s activations. Call monitor.step() once per training step. With `optimizer`,
+    its learning rates are recorded at every step(): evidence for the causes of dead units."""
+    return Monitor(model, config, logdir, optimizer, **overrides)
 
 
 def _rank() -> int:
@@ -38,7 +40,8 @@ class Monitor:
     """Watches one model; `deadwatch.watch(...)` is the same call."""
 
     def __init__(self, model: nn.Module, config: Config | str | os.PathLike | Mapping | None = None,
-                 logdir: str | os.PathLike | None = None, **overrides: Any):
+                 logdir: str | os.PathLike | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 **overrides: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"deadwatch.watch() needs a torch.nn.Module, got {type(model).__name__}")
         if isinstance(config, Config):
@@ -46,7 +49,11 @@ class Monitor:
                 raise ConfigError("pass keyword overrides with a config file or mapping, not with a Config object")
         else:
             config = config_mod.load(config, **overrides)
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"deadwatch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.config = config
+        self.optimizer = optimizer
+        self._lr_changes: list[tuple[int, tuple[float, ...]]] = []  # (step from 1, lr per group) when it changed
         self.logdir = os.path.expanduser(os.fspath(logdir)) if logdir is not None else None
         self.steps = 0                     # completed training steps (calls of step())
         self._reported_step = 0            # step of the last periodic report
@@ -74,6 +81,8 @@ class Monitor:
             self._first_step_warnings()
         self._registry.fold(self.steps)
         self.steps += 1
+        if self.optimizer is not None:
+            self._record_lr()
         self._capture.new_step(self.steps)
         if self.steps % self.config.report_every == 0:
             self._periodic_report()
@@ -101,7 +110,7 @@ class Monitor:
     def report(self) -> analysis.Report:
         """The verdict now; resets nothing. Collective under torch.distributed."""
         self._warn_if_no_step()
-        figures = sync.snapshot(self._registry, self._capture.layout(), self.steps, self.config.window)
+        figures, same = sync.snapshot(self._registry, self._capture.layout(), self.steps, self.config.window)
         names = self._capture.names([f.name for f in figures], publish=True)  # once the ranks agree on sites
         if self._strict_pending:
             self._strict_pending = False
@@ -110,7 +119,9 @@ class Monitor:
                                      f"have not run by the first report; sites now: {', '.join(names) or 'none'}. "
                                      f"Pass strict=False to let them go")
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
-        return analysis.Report(step=self.steps, window=self.config.window, layers=layers)
+        report = analysis.Report(step=self.steps, window=self.config.window, layers=layers)
+        self._explain(report, [f.name for f in figures], local=same)
+        return report
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, last-fired steps and the step counter, for a checkpoint (take it after step()).
@@ -171,6 +182,32 @@ class Monitor:
         self.close(error=exc if exc_type is not None else None)
 
     # -- internals
+    def _record_lr(self) -> None:
+        """The learning rates of the step just ended, kept when they change (host floats: no sync)."""
+        lrs = tuple(g.get("lr") for g in self.optimizer.param_groups)
+        if all(isinstance(lr, (int, float)) for lr in lrs) and (not self._lr_changes or self._lr_changes[-1][1] != lrs):
+            self._lr_changes.append((self.steps, lrs))
+
+    def _explain(self, report: analysis.Report, keys: list[Any], local: bool) -> None:
+        """Causes for the flagged sites' dead units, from the evidence the run left (report path only).
+        Every rank must find the same causes: the evidence this process holds about a site (its producer's
+        bias, the site feeding it) is used only when every rank has the same sites (`local`)."""
+        by_key = dict(zip(keys, report.layers))
+        for key, layer in by_key.items():
+            if layer not in report.flagged or not layer.dead_units or layer.last_fired is None:
+                continue
+            bias = self._capture.biases.get(key) if local else None
+            if bias is not None and type(bias[0].detach()) is not torch.Tensor:  # FSDP's DTensor: a shard here
+                bias = None
+            feeding = by_key.get(self._capture.inputs.get(key)) if local else None
+            layer.causes = causes.explain(causes.Evidence(
+                dead_units=layer.dead_units, last_fired=layer.last_fired,
+                bias=bias[0].detach().float().cpu().numpy() if bias is not None else None,
+                bias_name=bias[1] if bias is not None else None,
+                lr_changes=self._lr_changes,
+                input_site=feeding.name if feeding is not None else None,
+                input_dead_fraction=feeding.dead_fraction if feeding is not None else None))
+
     def _warn_if_no_step(self) -> None:
         if self.steps == 0 and self._registry.sites and not self._warned_no_step:
             self._warned_no_step = True

@@ -43,12 +43,13 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def snapshot(registry: Registry, layout: Layout, steps: int, window: int) -> list[Figures]:
+def snapshot(registry: Registry, layout: Layout, steps: int, window: int) -> tuple[list[Figures], bool]:
     """Host copy of every site's figures over the window / interval, merged across ranks.
 
     Under torch.distributed the ranks first agree on the sites (a 2-number MAX all_reduce of a
     fingerprint; on a mismatch, the union of every rank's sites), then all counters go in one
-    float64 buffer: one all_reduce (SUM) and one device->host copy.
+    float64 buffer: one all_reduce (SUM) and one device->host copy. Also says whether every rank
+    had the same sites.
     """
     shapes, same = [(key, site.kind, site.units) for key, site in layout], True
     bounds = {key: site.bounds for key, site in layout}
@@ -61,7 +62,7 @@ def snapshot(registry: Registry, layout: Layout, steps: int, window: int) -> lis
         figures = [Figures(key, mine[key].kind, *host[id(mine[key])]) for key, _, _ in shapes]
     else:
         figures = _union(shapes, mine, start, steps)
-    return [f._replace(bounds=bounds.get(f.name)) for f in figures]
+    return [f._replace(bounds=bounds.get(f.name)) for f in figures], same
 
 
 TAIL = 4  # numbers per site after the per-unit figures

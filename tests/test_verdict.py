@@ -396,12 +396,13 @@ def test_report_to_dict_is_json_and_matches():
     assert d["flagged"] == [layer.name for layer in report.layers if layer.status != "ok"]
     fields = {"name", "kind", "units", "dead_units", "dead_fraction", "zero_fraction", "observations", "status",
               "dormant_units", "dormant_fraction", "saturated_units", "saturated_fraction", "rare_units", "last_fired",
-              "bounds", "flags"}
+              "bounds", "flags", "causes"}
     assert [ld["name"] for ld in d["layers"]] == ALL_SITES + ["extra_act"]
     for ld, layer in zip(d["layers"], report.layers):
         assert set(ld) == fields
         for key in fields:
-            assert ld[key] == getattr(layer, key)
+            value = getattr(layer, key)
+            assert ld[key] == ([c.to_dict() for c in value] if key == "causes" else value)
     by_name = {ld["name"]: ld for ld in d["layers"]}
     assert by_name["enc.0.1"]["dead_units"] == [0, 1, 2, 3, 4]
     assert by_name["enc.0.1"]["status"] == "critical"

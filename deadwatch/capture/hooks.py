@@ -21,6 +21,7 @@ from .. import stats
 from ..config import Config
 from ..errors import DeadwatchError
 from .activations import NONNEGATIVE, fire_threshold, is_activation, module_threshold, output_bounds
+from . import producer
 from .axis import unit_axis
 from .functions import PATCH
 
@@ -55,6 +56,11 @@ class Capture:
         self.calls: dict[Any, int] = {}    # calls per module / (module, function) since the outermost call began
         self.sites: dict[SiteKey, stats.Site | None] = {}   # None: seen, but not watched (include/exclude, dtype)
         self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
+        self.params: dict[int, str] = {}   # id(parameter) -> its name in the model
+        # For the causes (report path), read from the autograd graph when a site is found:
+        self.biases: dict[SiteKey, tuple[nn.Parameter, str]] = {}  # the producer layer's bias
+        self.inputs: dict[SiteKey, SiteKey] = {}   # the watched site whose output feeds this one
+        self.fresh: dict[Any, SiteKey] = {}        # grad_fn of sites' outputs found this step
         self.thresholds: dict[int, float] = {}        # id(activation module) -> its output at 0
         self.handles: list[Any] = []
         self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
@@ -72,6 +78,7 @@ class Capture:
         if taken:
             raise DeadwatchError(f"this model is already watched by another deadwatch monitor "
                                  f"(at least {taken[0]!r}); close that one first: one monitor per model")
+        self.params = {id(p): name for name, p in self.model.named_parameters()}
         try:
             for path, module in self.model.named_modules():
                 act = is_activation(module)
@@ -105,9 +112,11 @@ class Capture:
         PATCH.detach(self)
         self.depth = 0
         self.mask = None
+        self.fresh.clear()
 
     def new_step(self, step: int) -> None:
         self.calls.clear()
+        self.fresh.clear()
         self.active = step % self.config.watch_every == 0
         if not self.mask_held:
             self.mask = None
@@ -189,8 +198,24 @@ class Capture:
                               bounds, self.config.saturation_eps)
             self.registry.add(site, out, unit_axis(out, names, self.config, context, module))
             self._restore(site, names)
+            self._trace(key, out, site.units, context, module)
         self.sites[key] = site
         return site
+
+    def _trace(self, key: SiteKey, out: torch.Tensor, units: int, context: nn.Module | None,
+               module: nn.Module | None) -> None:
+        """Once per site: the bias of the layer feeding it and the site feeding that layer, from the graph
+        (the layers around it when there is none)."""
+        bias = producer.find_bias(out, units, self.params) if out.grad_fn is not None else None
+        bias = bias or producer.neighbour_bias(module, context, units, self.params)
+        if bias is not None:
+            self.biases[key] = bias
+        if out.grad_fn is None:
+            return
+        feeding = producer.find_input_site(out, self.fresh)
+        if feeding is not None:
+            self.inputs[key] = feeding
+        self.fresh[out.grad_fn] = key
 
     def _restore(self, site: stats.Site, names: tuple[str, ...]) -> None:
         for name in names:
