@@ -22,7 +22,7 @@ HINTS = {
               "Try a lower LR, He init, LeakyReLU/ELU, normalisation",
     NONFINITE: "NaN/inf output: training likely diverged; lower the LR, clip gradients, check inputs and AMP scaling",
 }
-FLAGS = ("dormant", "saturated", "rare")  # verdicts besides dead, flagged from thresholds.warn of a site's units
+FLAGS = ("dormant", "saturated", "rare")  # verdicts besides dead, flagged from thresholds.<name> of a site's units
 STYLES = {OK: "green", WARN: "yellow", CRITICAL: "bold red", NONFINITE: "bold magenta", IDLE: "dim"}
 
 
@@ -47,7 +47,7 @@ class LayerReport:
     rare_units: list[int] = field(default_factory=list)       # fired in > 0 and < rare_rate of counted values
     last_fired: list[int] | None = field(default=None, repr=False)  # per unit: step (from 1) it last fired, -1 never
     bounds: list[float] | None = None          # [lower, upper] of a bounded activation
-    flags: list[str] = field(default_factory=list)  # FLAGS whose share of units is at least thresholds.warn
+    flags: list[str] = field(default_factory=list)  # FLAGS whose share of units is at least thresholds.<flag>
     causes: list[Cause] = field(default_factory=list)  # why the dead units died, best first (flagged sites)
 
     @property
@@ -153,8 +153,9 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
             saturated_fraction = len(saturated) / units
     flags = []
     if not idle and units:
-        for name, count in (("dormant", len(dormant)), ("saturated", len(saturated)), ("rare", len(rare))):
-            if count and count / units >= config.warn:
+        counts = {"dormant": len(dormant), "saturated": len(saturated), "rare": len(rare)}
+        for name, share in config.flag_at:
+            if counts[name] and counts[name] / units >= share:
                 flags.append(name)
     last = figures.last_fired
     return LayerReport(

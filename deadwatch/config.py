@@ -18,7 +18,7 @@ import yaml
 from .errors import ConfigError
 
 REPORTERS = ("console", "jsonl", "tensorboard")
-SUBKEYS = {"thresholds": ("warn", "critical"), "saturation": ("share", "eps")}
+SUBKEYS = {"thresholds": ("warn", "critical", "dormant", "saturated", "rare"), "saturation": ("share", "eps")}
 FILE_REPORTERS = ("jsonl", "tensorboard")
 FUNCTIONS = (
     "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "mish",
@@ -45,6 +45,7 @@ class Config:
     saturation_share: float = 0.99
     saturation_eps: float = 0.01
     rare_rate: float = 0.01
+    flag_at: tuple[tuple[str, float], ...] = (("dormant", 0.1), ("saturated", 0.1), ("rare", 0.1))
     reporters_given: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,7 +53,7 @@ class Config:
         return {
             "window": self.window,
             "report_every": self.report_every,
-            "thresholds": {"warn": self.warn, "critical": self.critical},
+            "thresholds": {"warn": self.warn, "critical": self.critical, **dict(self.flag_at)},
             "reporters": [r if isinstance(r, str) else type(r).__name__ for r in self.reporters],
             "image_every": self.image_every,
             "include": list(self.include),
@@ -186,6 +187,7 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
     thresholds = m["thresholds"]
     if not isinstance(thresholds, Mapping):
         raise ConfigError(f"thresholds must be a mapping with warn and critical, got {thresholds!r}")
+    flag_at = tuple((name, _fraction(f"thresholds.{name}", thresholds[name])) for name in ("dormant", "saturated", "rare"))
     warn = _fraction("thresholds.warn", thresholds["warn"])
     critical = _fraction("thresholds.critical", thresholds["critical"])
     if warn > critical:
@@ -229,5 +231,6 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         saturation_share=share,
         saturation_eps=eps,
         rare_rate=_fraction("rare_rate", m["rare_rate"]),
+        flag_at=flag_at,
         reporters_given=reporters_given,
     )

@@ -279,11 +279,20 @@ def test_last_fired_survives_a_checkpoint_and_old_checkpoints_load():
 
 # ---- flags and config -------------------------------------------------------------------------------------
 
-def test_flags_follow_the_warn_threshold():
+def test_flags_follow_their_own_thresholds():
     net = affine_net(nn.GELU(), [1e-3] + [1.0] * 19, [0.0] * 20)   # 1 dormant unit of 20: 5%
     steps = batches(3, 20)
-    assert watched(net, steps, thresholds={"warn": 0.05, "critical": 0.5}).layer("1").flags == ["dormant"]
-    assert watched(net, steps, thresholds={"warn": 0.06, "critical": 0.5}).layer("1").flags == []
+    assert watched(net, steps).layer("1").flags == []               # default thresholds.dormant: 10%
+    assert watched(net, steps, thresholds={"dormant": 0.05}).layer("1").flags == ["dormant"]
+    assert watched(net, steps, thresholds={"dormant": 0.06}).layer("1").flags == []
+    assert watched(net, steps, thresholds={"dormant": 0.05, "rare": 0.05, "saturated": 0.0}).layer("1").flags \
+        == ["dormant"]                                              # no rare or saturated unit: no flag
+
+
+@pytest.mark.parametrize("key", ["dormant", "saturated", "rare"])
+def test_flag_thresholds_are_validated(key):
+    with pytest.raises(ConfigError, match=f"thresholds.{key}"):
+        load(thresholds={key: 1.5})
 
 
 @pytest.mark.parametrize("values,key", [
