@@ -40,8 +40,8 @@ def test_plain_loop(tmp_path):
     assert logdir == tmp_path / "run"
     log = runlog.read(str(logdir))
     config = log.headers[0]["config"]
-    assert (config["thresholds"], config["include"], config["exclude"]) == (  # examples/custom.yaml was used
-        {"warn": 0.05, "critical": 0.25}, [r"\.act$"], [r"^encoder\."])
+    assert (config["thresholds"]["warn"], config["thresholds"]["critical"], config["include"], config["exclude"]) == (
+        0.05, 0.25, [r"\.act$"], [r"^encoder\."])                  # examples/custom.yaml was used
     last = log.last
     assert last.step == 300
     assert [layer.name for layer in last.layers] == ["hidden1.act", "hidden2.act"]  # the frozen encoder is left out
