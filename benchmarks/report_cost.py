@@ -33,11 +33,12 @@ class ManySites(nn.Module):
 
 
 def state_bytes(monitor: deadwatch.Monitor) -> int:
+    """Every per-unit buffer the counters declare (stats.BUFFERS), and any other tensor they hold."""
     total = 0
     for counters in monitor._registry.by_device.values():
-        for name in ("step_max", "step_fired", "fired", "last_fired", "last_nonfinite", "threshold"):
-            t = getattr(counters, name)
-            total += t.numel() * t.element_size()
+        for t in vars(counters).values():
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
     return total
 
 

@@ -145,7 +145,7 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
     dormant_fraction: float | None = None
     saturated_fraction: float | None = None if figures.bounds is not None else 0.0
     if obs and units:
-        dormant = sorted(set(_dormant(figures.abs_sum, config.dormant_tau)) | set(dead))
+        dormant = np.union1d(_dormant(figures.abs_sum, config.dormant_tau), dead).astype(int).tolist()
         dormant_fraction = len(dormant) / units
         rare = np.flatnonzero((rate > 0) & (rate < config.rare_rate)).tolist()
         if figures.bounds is not None:
@@ -179,12 +179,12 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
     )
 
 
-def _dormant(abs_sum: np.ndarray, tau: float) -> list[int]:
+def _dormant(abs_sum: np.ndarray, tau: float) -> np.ndarray:
     """Units whose mean |output| is at most tau times the mean over the site's units (the interval's value
     count is the same for every unit, so the sums compare as the means do). A unit with a NaN/inf sum is left
     out of the mean and is not dormant; when every unit's sum is 0 every unit is dormant."""
     finite = np.isfinite(abs_sum)
     if not finite.any():
-        return []
+        return np.zeros(0, dtype=np.int64)
     mean = float(abs_sum[finite].mean())
-    return np.flatnonzero(finite & (abs_sum <= tau * mean)).tolist()
+    return np.flatnonzero(finite & (abs_sum <= tau * mean))

@@ -94,7 +94,8 @@ def _negative_bias(ev: Evidence) -> Cause | None:
 
 def _lr_spike(ev: Evidence) -> Cause | None:
     """Deaths from the step before a jump up in the learning rate to SPIKE_AFTER steps after it came down."""
-    died = np.array([ev.last_fired[u] for u in ev.dead_units if ev.last_fired[u] > 0])
+    died = np.asarray(ev.last_fired)[ev.dead_units]
+    died = died[died > 0]
     if not died.size:
         return None
     best = None
@@ -118,7 +119,7 @@ def _lr_spike(ev: Evidence) -> Cause | None:
 
 
 def _dead_from_start(ev: Evidence) -> Cause | None:
-    never = sum(1 for u in ev.dead_units if ev.last_fired[u] < 0)
+    never = int(np.sum(np.asarray(ev.last_fired)[ev.dead_units] < 0))
     if not never:
         return None
     apart = _biases_apart(ev)

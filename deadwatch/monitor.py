@@ -7,6 +7,7 @@ import os
 import warnings
 from typing import Any, Iterator, Mapping, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -120,7 +121,7 @@ class Monitor:
                                      f"Pass strict=False to let them go")
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
         report = analysis.Report(step=self.steps, window=self.config.window, layers=layers)
-        self._explain(report, [f.name for f in figures], local=same)
+        self._explain(report, figures, local=same)
         return report
 
     def state_dict(self) -> dict[str, Any]:
@@ -188,20 +189,22 @@ class Monitor:
         if all(isinstance(lr, (int, float)) for lr in lrs) and (not self._lr_changes or self._lr_changes[-1][1] != lrs):
             self._lr_changes.append((self.steps, lrs))
 
-    def _explain(self, report: analysis.Report, keys: list[Any], local: bool) -> None:
+    def _explain(self, report: analysis.Report, figures: list[sync.Figures], local: bool) -> None:
         """Causes for the flagged sites' dead units, from the evidence the run left (report path only).
         Every rank must find the same causes: the evidence this process holds about a site (its producer's
         bias, the site feeding it) is used only when every rank has the same sites (`local`)."""
-        by_key = dict(zip(keys, report.layers))
-        for key, layer in by_key.items():
-            if layer not in report.flagged or not layer.dead_units or layer.last_fired is None:
+        by_key = {f.name: layer for f, layer in zip(figures, report.layers)}
+        flagged = {id(layer) for layer in report.flagged}
+        for f, layer in zip(figures, report.layers):
+            key = f.name
+            if id(layer) not in flagged or not layer.dead_units or f.last_fired is None:
                 continue
             bias = self._capture.biases.get(key) if local else None
             if bias is not None and type(bias[0].detach()) is not torch.Tensor:  # FSDP's DTensor: a shard here
                 bias = None
             feeding = by_key.get(self._capture.inputs.get(key)) if local else None
             layer.causes = causes.explain(causes.Evidence(
-                dead_units=layer.dead_units, last_fired=layer.last_fired,
+                dead_units=layer.dead_units, last_fired=np.where(f.last_fired >= 0, f.last_fired + 1, -1),
                 bias=bias[0].detach().float().cpu().numpy() if bias is not None else None,
                 bias_name=bias[1] if bias is not None else None,
                 lr_changes=self._lr_changes,
