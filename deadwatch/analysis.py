@@ -145,7 +145,9 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
     dormant_fraction: float | None = None
     saturated_fraction: float | None = None if figures.bounds is not None else 0.0
     if obs and units:
-        dormant = np.union1d(_dormant(figures.abs_sum, config.dormant_tau), dead).astype(int).tolist()
+        is_dormant = _dormant(figures.abs_sum, config.dormant_tau)
+        is_dormant[dead] = True
+        dormant = np.flatnonzero(is_dormant).tolist()
         dormant_fraction = len(dormant) / units
         rare = np.flatnonzero((rate > 0) & (rate < config.rare_rate)).tolist()
         if figures.bounds is not None:
@@ -180,11 +182,11 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
 
 
 def _dormant(abs_sum: np.ndarray, tau: float) -> np.ndarray:
-    """Units whose mean |output| is at most tau times the mean over the site's units (the interval's value
+    """Per unit: dormant, i.e. its mean |output| is at most tau times the mean over the site's units (the interval's value
     count is the same for every unit, so the sums compare as the means do). A unit with a NaN/inf sum is left
     out of the mean and is not dormant; when every unit's sum is 0 every unit is dormant."""
     finite = np.isfinite(abs_sum)
     if not finite.any():
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(abs_sum.shape, dtype=bool)
     mean = float(abs_sum[finite].mean())
-    return np.flatnonzero(finite & (abs_sum <= tau * mean))
+    return finite & (abs_sum <= tau * mean)
