@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -29,6 +30,9 @@ from .reporters.console import (count_cell, dead_cell, died_text, flag_lines, fl
 LEVELS = {OK: 0, WARN: 1, CRITICAL: 2, NONFINITE: 3}  # --fail-on; an idle site is not judged, so never fails
 PROGRESS_MIN_BYTES = 1 << 20
 MAX_LISTED_UNITS = 12
+BLOCKS = "▁▂▃▄▅▆▇█"   # dead fraction 0, then (0, 1/7], (1/7, 2/7], ... (6/7, 1]
+IDLE_MARK = "·"        # a report where the site was idle, or not yet run: not judged
+SPARK_WIDTH = 24       # characters; more reports than this are binned
 
 
 class UsageError(DeadwatchError):
@@ -97,6 +101,26 @@ def _trend(first: LayerReport | None, last: LayerReport) -> Text:
     return Text(f"{percent(first.dead_fraction)} -> {percent(last.dead_fraction)} {arrow}", style=style)
 
 
+def sparkline(values: Sequence[float | None], width: int = SPARK_WIDTH) -> str:
+    """The dead fraction over reports, one character each: ▁ for 0, any dead unit lifts it to at least ▂, █
+    above 6/7; IDLE_MARK where the site was not judged (None). More than `width` reports are cut into `width`
+    consecutive bins, each showing its highest fraction (a spike is never averaged away)."""
+    if len(values) > width:
+        edges = [round(i * len(values) / width) for i in range(width + 1)]
+        values = [max((v for v in values[a:b] if v is not None), default=None) for a, b in zip(edges, edges[1:])]
+    return "".join(IDLE_MARK if v is None else BLOCKS[0] if v <= 0 else BLOCKS[min(7, max(1, math.ceil(v * 7 - 1e-9)))]
+                   for v in values)
+
+
+def dead_series(log: runlog.RunLog, site: str) -> list[float | None]:
+    """The site's dead fraction in each report of the log (None: idle, or absent from that report)."""
+    series: list[float | None] = []
+    for record in log.records:
+        layer = next((layer for layer in record["layers"] if layer["name"] == site), None)
+        series.append(None if layer is None else layer.get("dead_fraction"))
+    return series
+
+
 def summary_view(log: runlog.RunLog, report: Report) -> Group:
     first = {layer.name: layer for layer in Report.from_dict(log.records[0]).layers}
     title = title_line(f"{log.path}: step {report.step}, window {report.window} steps, {len(log.records)} reports, "
@@ -105,14 +129,16 @@ def summary_view(log: runlog.RunLog, report: Report) -> Group:
     site_column(table)
     verdicts = has_verdicts(report)
     columns = [("kind", "left"), ("units", "right"), ("dead", "right"), ("zero frac", "right")]
-    columns += [("dormant", "right"), ("flags", "left")] * verdicts + [("dead trend", "left"), ("status", "left")]
+    columns += [("dormant", "right"), ("flags", "left")] * verdicts
+    columns += [("dead per report", "left"), ("dead trend", "left"), ("status", "left")]
     for column, justify in columns:
         table.add_column(column, justify=justify)
     for layer in report.layers:
         cells = [Text(layer.name), Text(layer.kind), str(layer.units), dead_cell(layer), percent(layer.zero_fraction)]
         if verdicts:
             cells += [count_cell(layer.dormant_units, layer.dormant_fraction), flags_cell(layer)]
-        cells += [_trend(first.get(layer.name), layer), Text(layer.status, style=STYLES[layer.status])]
+        cells += [Text(sparkline(dead_series(log, layer.name)), style=STYLES[layer.status]),
+                  _trend(first.get(layer.name), layer), Text(layer.status, style=STYLES[layer.status])]
         table.add_row(*cells)
     lines = flag_lines(report)
     for layer in report.flagged:

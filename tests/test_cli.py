@@ -153,6 +153,9 @@ def test_summary_table_trends_and_flagged_sites(runs, capsys):
         assert percents(trend[0]) == [pytest.approx(100 * first[site]["dead_fraction"], abs=0.05),
                                       pytest.approx(100 * last[site]["dead_fraction"], abs=0.05)], trend
         arrows[site] = trend[0].split()[-1]
+        # the dead fraction of every report of the run, one character each (tests/test_dashboards.py: the mapping)
+        assert row["dead per report"] == cli.sparkline([expected[end][site]["dead_fraction"] for end in sorted(expected)])
+    assert table(out)[1]["act.0"]["dead per report"] == "▃▃▆▆"     # 2/8, 2/8, 5/8, 5/8
     # growing, shrinking and flat trends get three different arrows
     assert arrows["act.0"] in "↑↗▲⬆" and arrows["act.1"] in "↓↘▼⬇" and arrows["act.2"] in "→=⟶", arrows
 

@@ -127,7 +127,9 @@ def test_console_shows_an_idle_site_as_idle_not_as_zero_dead():
     assert len(idle_lines) == 1 and "idle" in idle_lines[0] and "not judged" in idle_lines[0]
 
 
-def test_tensorboard_writes_no_dead_fraction_for_an_idle_site(tmp_path):
+def test_tensorboard_writes_no_dead_fraction_for_an_idle_site(tmp_path, monkeypatch):
+    # the raw heatmap image, drawn when matplotlib is missing (tests/test_dashboards.py tests the figure's cells)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     reporter = tb.TensorBoardReporter(str(tmp_path), deadwatch.config.load(image_every=1))
     reports = [
         Report(step=5, window=5, layers=[layer("a", "ok"), layer("b", "warn", dead=[1])]),

@@ -94,6 +94,14 @@ def run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def raw_run(tmp_path_factory):
+    """The same run where matplotlib cannot be imported: the heatmaps are the raw images of coloured cells."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` raises ImportError
+        return _run(tmp_path_factory, "tb_run_raw")
+
+
+@pytest.fixture(scope="module")
 def exact_run(tmp_path_factory):
     """The same run counting every value (count_subsample=1): for the tests that compare zero_fraction and
     firing rates with the figures recomputed from all values."""
@@ -114,7 +122,7 @@ def test_tags_are_exactly_the_documented_ones(run):
     tags = acc.Tags()
     assert set(tags["scalars"]) == scalar_tags(SITES)
     assert set(tags["histograms"]) == {f"deadwatch/firing_rate/{s}" for s in SITES}
-    assert tags["images"] == ["deadwatch/heatmap"]
+    assert set(tags["images"]) == {"deadwatch/heatmap", "deadwatch/heatmap_dormant"}
 
 
 def test_tag_names_do_not_depend_on_shapes_or_counts(run, tmp_path):
@@ -183,8 +191,10 @@ def decode(event):
     return img
 
 
-def test_heatmap_image(run):
-    logdir, expected, own, acc = run
+def test_heatmap_image_without_matplotlib(raw_run):
+    """The fallback (tests/test_dashboards.py tests the figure drawn with matplotlib)."""
+    logdir, expected, own, acc = raw_run
+    assert set(acc.Tags()["images"]) == {"deadwatch/heatmap", "deadwatch/heatmap_dormant"}
     images = acc.Images("deadwatch/heatmap")
     report_steps = [e["step"] for e in expected]
     # every IMAGE_EVERY reports: consecutive images IMAGE_EVERY reports apart, none missed

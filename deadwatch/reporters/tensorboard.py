@@ -1,4 +1,4 @@
-"""TensorBoard reporter: scalars, firing-rate histograms, a custom-scalars layout, a heatmap, a text table.
+"""TensorBoard reporter: scalars, firing-rate histograms, a custom-scalars layout, two heatmaps, a text table.
 
 Tags (stable: site names only, no shapes or counters):
   deadwatch/dead_fraction/<site>, deadwatch/zero_fraction/<site>   per site
@@ -7,10 +7,16 @@ Tags (stable: site names only, no shapes or counters):
   deadwatch/dead_fraction/all, deadwatch/flagged_sites              whole run
   deadwatch/threshold/warn, deadwatch/threshold/critical            the configured lines
   deadwatch/firing_rate/<site>                                      histogram over units
-  deadwatch/heatmap                                                 image: sites (rows) x reports (columns)
+  deadwatch/heatmap, deadwatch/heatmap_dormant                      images: dead / dormant fraction,
+                                                                    sites (rows) x report steps (columns)
   deadwatch/summary                                                 text: the console table as markdown
 An idle site (no counted forward in the window) gets no dead_fraction point at that step, and
 dead_fraction/all none when every site is idle: not judged is not 0% dead.
+
+The heatmaps are matplotlib figures (site names on the rows, report steps on the columns, a colour bar)
+when matplotlib is installed (`pip install "deadwatch[plots]"`), else raw images of coloured cells under the
+same tags. The figures are made without pyplot, each on its own Agg canvas (add_figure's plt.close is a
+no-op for them), so a notebook's or script's own matplotlib backend and open figures are left alone.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ HEATMAP_COLUMNS = 200   # reports kept in the heatmap (the latest)
 CELL_H, CELL_W = 12, 6  # pixels per site row and per report column
 NONFINITE_RGB = (1.0, 0.0, 1.0)   # magenta
 IDLE_RGB = (0.25, 0.3, 0.4)       # slate grey: blue above red, which the dead-fraction scale never has
+HEATMAPS = {"deadwatch/heatmap": "dead_fraction", "deadwatch/heatmap_dormant": "dormant_fraction"}  # tag: field
+LABELS = {"dead_fraction": "dead fraction", "dormant_fraction": "dormant fraction"}
+MAX_X_TICKS = 10        # report steps labelled under a figure heatmap, fewer when they would not fit
+MAX_LABELLED_ROWS = 60  # beyond this many sites, every k-th site is named (the text summary names them all)
 
 
 def layout(config: Config) -> dict:
@@ -55,19 +65,83 @@ def colour(values: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def heat(report: Report) -> dict[str, float]:
-    """One heatmap column: each site's dead fraction, NaN when nonfinite, -inf when idle."""
-    return {layer.name: math.nan if layer.status == NONFINITE else -math.inf if layer.status == IDLE
-            else layer.dead_fraction for layer in report.layers}
+# black -> red -> yellow -> white, as colour() draws it, sampled for matplotlib
+_SCALE = colour(np.linspace(0.0, 1.0, 256) ** 2).T
+
+
+def heat(report: Report, field: str = "dead_fraction") -> dict[str, float]:
+    """One heatmap column: each site's `field` (dead_fraction or dormant_fraction), NaN when nonfinite, -inf
+    when idle (or, for dormant, when the site ran no counted forward in the interval)."""
+    def value(layer: Any) -> float:
+        v = getattr(layer, field)
+        return math.nan if layer.status == NONFINITE else -math.inf if layer.status == IDLE or v is None else v
+    return {layer.name: value(layer) for layer in report.layers}
+
+
+def grid(history: list[dict[str, float]], sites: list[str]) -> np.ndarray:
+    """Sites x reports; a site absent from a report (not yet run) is idle (-inf)."""
+    return np.array([[column.get(site, -math.inf) for column in history] for site in sites],
+                    dtype=np.float64).reshape(len(sites), len(history))
 
 
 def heatmap(history: list[dict[str, float]], sites: list[str]) -> torch.Tensor:
-    """CHW image: one row per site, one column per report (the latest HEATMAP_COLUMNS); a site absent from a
-    report (not yet run) shows as idle."""
-    values = np.array([[column.get(site, -math.inf) for column in history] for site in sites],
-                      dtype=np.float64).reshape(len(sites), len(history))
-    img = colour(values).repeat(CELL_H, axis=1).repeat(CELL_W, axis=2)
+    """The fallback without matplotlib, a CHW image: one row of CELL_H pixels per site, one column of CELL_W
+    per report (the latest HEATMAP_COLUMNS); no labels (the text summary gives the row order)."""
+    img = colour(grid(history, sites)).repeat(CELL_H, axis=1).repeat(CELL_W, axis=2)
     return torch.from_numpy(img.astype(np.float32))
+
+
+def plotting_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def figure(history: list[dict[str, float]], sites: list[str], steps: list[int], label: str = "dead fraction") -> Any:
+    """A matplotlib Figure (on its own Agg canvas): site names on the rows (in report order), report steps on
+    the columns, a colour bar for `label` on the same black -> red -> yellow -> white square-root scale as
+    the fallback image; idle and nonfinite cells in slate grey and magenta, named in a legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap, PowerNorm
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    values = grid(history, sites)
+    rows, cols = values.shape
+    finite = np.isfinite(values)
+    # laid out in inches: site names | cells | colour bar and its label; title and legend above, steps below
+    names = min(0.2 + 0.06 * max((len(site) for site in sites), default=4), 4.0)
+    cells_w, cells_h = max(3.0, min(0.03 * cols, 6.0)), max(1.2, 0.15 * min(rows, MAX_LABELLED_ROWS))
+    width, height = names + cells_w + 1.15, 0.35 + cells_h + 0.6
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((names / width, 0.6 / height, cells_w / width, cells_h / height))
+    bar_ax = fig.add_axes(((names + cells_w + 0.12) / width, 0.6 / height, 0.14 / width, cells_h / height))
+    extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)
+    cmap = ListedColormap(_SCALE).with_extremes(bad=(0, 0, 0, 0))
+    image = ax.imshow(np.ma.masked_array(values, mask=~finite), cmap=cmap, norm=PowerNorm(0.5, vmin=0.0, vmax=1.0),
+                      aspect="auto", interpolation="nearest", extent=extent)
+    # not judged: a second layer over the masked cells, 0 idle, 1 nonfinite
+    marks = np.ma.masked_array(np.isnan(values).astype(np.float64), mask=finite)
+    ax.imshow(marks, cmap=ListedColormap([IDLE_RGB, NONFINITE_RGB]), vmin=0, vmax=1, aspect="auto",
+              interpolation="nearest", extent=extent)
+    every = max(1, math.ceil(rows / MAX_LABELLED_ROWS))
+    ax.set_yticks(range(0, rows, every), [sites[r] for r in range(0, rows, every)], fontsize=7)
+    fit = int(cells_w / (0.07 * len(str(max(steps, default=0))) + 0.25))   # labels that fit side by side
+    ticks = sorted(set(np.linspace(0, cols - 1, min(cols, MAX_X_TICKS, fit)).round().astype(int).tolist())) if cols else []
+    ax.set_xticks(ticks, [str(steps[c]) for c in ticks], fontsize=8)
+    ax.set_xlabel("report step", fontsize=8)
+    ax.set_title(label, fontsize=9, loc="left")
+    bar = fig.colorbar(image, cax=bar_ax, ticks=[0, 0.05, 0.25, 0.5, 1.0])
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(f"{label} (sqrt scale)", fontsize=8)
+    fig.legend(handles=[Patch(color=IDLE_RGB, label="idle / not run yet"), Patch(color=NONFINITE_RGB, label="nonfinite")],
+               loc="upper right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False, borderaxespad=0.3,
+               handlelength=1.2, columnspacing=1.0)
+    return fig
 
 
 def markdown(report: Report) -> str:
@@ -138,7 +212,9 @@ class TensorBoardReporter:
         self.writer = SummaryWriter(log_dir=logdir)
         self.kept = _keep_errors(self.writer)
         self.writer.add_custom_scalars(layout(config))
-        self.history: list[dict[str, float]] = []
+        self.plots = plotting_available()
+        self.history: dict[str, list[dict[str, float]]] = {tag: [] for tag in HEATMAPS}
+        self.steps: list[int] = []
         self.reports = 0
 
     def emit(self, report: Report) -> None:
@@ -160,9 +236,16 @@ class TensorBoardReporter:
         w.add_scalar("deadwatch/flagged_sites", len(report.flagged), step)
         w.add_scalar("deadwatch/threshold/warn", self.config.warn, step)
         w.add_scalar("deadwatch/threshold/critical", self.config.critical, step)
-        self.history = (self.history + [heat(report)])[-HEATMAP_COLUMNS:]
+        for tag, field in HEATMAPS.items():
+            self.history[tag] = (self.history[tag] + [heat(report, field)])[-HEATMAP_COLUMNS:]
+        self.steps = (self.steps + [step])[-HEATMAP_COLUMNS:]
         if self.reports % self.config.image_every == 0:
-            w.add_image("deadwatch/heatmap", heatmap(self.history, [layer.name for layer in report.layers]), step)
+            sites = [layer.name for layer in report.layers]
+            for tag, field in HEATMAPS.items():
+                if self.plots:
+                    w.add_figure(tag, figure(self.history[tag], sites, self.steps, LABELS[field]), step, close=True)
+                else:
+                    w.add_image(tag, heatmap(self.history[tag], sites), step)
         self.reports += 1
         # add_text would append "/text_summary" to the tag: write the text plugin's summary as is
         w._get_file_writer().add_summary(text_pb("deadwatch/summary", markdown(report)), step)

@@ -1,0 +1,295 @@
+"""Dashboards that people read: the heatmaps as labelled matplotlib figures (dead and dormant), the raw image
+when matplotlib is missing, and the CLI summary's sparkline of the dead fraction and top cause per site.
+
+Reports are built by hand (no training): the figures under test are the reporter's and the CLI's drawing of
+known fractions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator as ea
+
+import deadwatch
+from deadwatch import cli
+from deadwatch.analysis import HINTS, LayerReport, Report
+from deadwatch.causes import Cause
+from deadwatch.reporters import runlog
+from deadwatch.reporters import tensorboard as tb
+
+matplotlib = pytest.importorskip("matplotlib")   # in the dev extra; the fallback tests below run either way
+from matplotlib.figure import Figure  # noqa: E402
+
+SITES = ["encoder.layers.0.mlp.act", "head.act"]
+TAGS = ("deadwatch/heatmap", "deadwatch/heatmap_dormant")
+
+
+def layer(name, status, dead=0, dormant=0, units=8, causes=()):
+    idle = status == "idle"
+    return LayerReport(name=name, kind="ReLU", units=units, dead_units=[] if idle else list(range(dead)),
+                       dead_fraction=None if idle else dead / units, zero_fraction=None if idle else 0.5,
+                       observations=0 if idle else 64, status=status,
+                       dormant_units=[] if idle else list(range(dormant)),
+                       dormant_fraction=None if idle else dormant / units, causes=list(causes))
+
+
+# encoder: dead 0, 4/8, 8/8, 8/8; dormant 8/8 throughout (dormant, not dead, at first)
+# head: idle, ok, nonfinite, ok
+REPORTS = [
+    Report(step=10, window=10, layers=[layer(SITES[0], "ok", 0, 8), layer(SITES[1], "idle")]),
+    Report(step=20, window=10, layers=[layer(SITES[0], "critical", 4, 8), layer(SITES[1], "ok", 0, 2)]),
+    Report(step=30, window=10, layers=[layer(SITES[0], "critical", 8, 8), layer(SITES[1], "nonfinite", 0, 0)]),
+    Report(step=40, window=10, layers=[layer(SITES[0], "critical", 8, 8), layer(SITES[1], "ok", 0, 0)]),
+]
+
+
+def emit_all(logdir, reports=REPORTS, image_every=1):
+    reporter = tb.TensorBoardReporter(str(logdir), deadwatch.config.load(image_every=image_every))
+    for report in reports:
+        reporter.emit(report)
+    reporter.close()
+    acc = ea.EventAccumulator(str(logdir), size_guidance={k: 0 for k in ea.DEFAULT_SIZE_GUIDANCE})
+    acc.Reload()
+    return reporter, acc
+
+
+def decode(event):
+    img = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"), dtype=np.int64)
+    assert img.shape == (event.height, event.width, 3)
+    return img
+
+
+def history(field="dead_fraction"):
+    return [tb.heat(report, field) for report in REPORTS]
+
+
+def cells_axes(fig):
+    """The axes with the cells (the other one is the colour bar)."""
+    (ax,) = [ax for ax in fig.axes if ax.get_images() and ax.get_ylabel() == ""]
+    return ax
+
+
+def pixel(fig, ax, row, col):
+    """The rendered RGB at the centre of cell (row, col)."""
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    x, y = ax.transData.transform((col, row))
+    return tuple(int(v) for v in rgba[int(round(rgba.shape[0] - y)), int(round(x)), :3])
+
+
+# ---- the figure ---------------------------------------------------------------------------------
+
+def test_figure_names_sites_on_rows_and_steps_on_columns():
+    fig = tb.figure(history(), SITES, [r.step for r in REPORTS])
+    assert isinstance(fig, Figure)
+    ax = cells_axes(fig)
+    assert [t.get_text() for t in ax.get_yticklabels()] == SITES
+    assert list(ax.get_yticks()) == [0, 1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["10", "20", "30", "40"]
+    assert list(ax.get_xticks()) == [0, 1, 2, 3]
+    assert "step" in ax.get_xlabel()
+    # a colour bar, labelled with what the colour is
+    bars = [a for a in fig.axes if a is not ax]
+    assert len(bars) == 1 and bars[0].get_ylabel().startswith("dead fraction")
+    # idle and nonfinite are named in a legend
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["idle / not run yet", "nonfinite"]
+
+
+def test_figure_cells_hold_the_fractions_with_idle_and_nonfinite_apart():
+    fig = tb.figure(history(), SITES, [r.step for r in REPORTS])
+    ax = cells_axes(fig)
+    values, marks = (im.get_array() for im in ax.get_images())
+    expected = np.array([[0.0, 0.5, 1.0, 1.0], [-math.inf, 0.0, math.nan, 0.0]])
+    finite = np.isfinite(expected)
+    assert (np.ma.getmaskarray(values) == ~finite).all()
+    assert np.array_equal(values.data[finite], expected[finite])
+    assert (np.ma.getmaskarray(marks) == finite).all()
+    assert marks[1, 0] == 0 and marks[1, 2] == 1                    # idle, nonfinite
+    # rendered: black at 0, white at 100%, slate grey idle, magenta nonfinite
+    rgb = {(r, c): pixel(fig, ax, r, c) for r in range(2) for c in range(4)}
+    assert rgb[0, 0] == rgb[1, 1] == (0, 0, 0)
+    assert rgb[0, 2] == rgb[0, 3] == (255, 255, 255)
+    assert max(abs(a - 255 * b) for a, b in zip(rgb[1, 0], tb.IDLE_RGB)) <= 1   # 8-bit rounding
+    assert rgb[1, 2] == (255, 0, 255)
+    # 50%: the fallback image's colour (sqrt scale: light yellow), up to a step of the 256-entry colour table
+    # (the ramp climbs 3 levels a step)
+    half = 255 * tb.colour(np.array([[0.5]]))[:, 0, 0]
+    assert max(abs(a - b) for a, b in zip(rgb[0, 1], half)) <= 3, (rgb[0, 1], half)
+    assert rgb[0, 1][:2] == (255, 255) and 0 < rgb[0, 1][2] < 255
+
+
+def test_figure_labels_every_kth_site_when_there_are_many():
+    sites = [f"blocks.{i}.act" for i in range(150)]
+    fig = tb.figure([{s: 0.0 for s in sites}] * 3, sites, [1, 2, 3])
+    labels = [t.get_text() for t in cells_axes(fig).get_yticklabels()]
+    assert labels == sites[::3]                 # ceil(150 / MAX_LABELLED_ROWS=60) = 3
+
+
+@pytest.mark.parametrize("last_step", [2_000, 20_000_000])
+def test_figure_x_ticks_are_at_most_ten_report_steps_that_do_not_overlap(last_step):
+    steps = np.linspace(last_step / 200, last_step, 200).astype(int).tolist()       # 200 reports
+    fig = tb.figure([{"a": 0.1}] * 200, ["a"], steps)
+    ax = cells_axes(fig)
+    ticks = [int(t) for t in ax.get_xticks()]
+    assert ticks[0] == 0 and ticks[-1] == 199
+    assert len(ticks) == (tb.MAX_X_TICKS if last_step == 2_000 else 7)   # 8-digit steps: fewer fit
+    labels = ax.get_xticklabels()
+    assert [t.get_text() for t in labels] == [str(steps[t]) for t in ticks]
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in labels]
+    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+# ---- the event file -----------------------------------------------------------------------------
+
+def test_figure_heatmaps_written_dead_and_dormant(tmp_path):
+    reporter, acc = emit_all(tmp_path)
+    assert reporter.plots
+    assert set(acc.Tags()["images"]) == set(TAGS)
+    for tag, field in tb.HEATMAPS.items():
+        images = acc.Images(tag)
+        assert [im.step for im in images] == [10, 20, 30, 40]
+        last = images[-1]
+        fig = tb.figure(history(field), SITES, [10, 20, 30, 40], tb.LABELS[field])
+        assert (last.width, last.height) == fig.canvas.get_width_height()   # the figure, not the raw cells
+        assert last.width > 400 and last.height > 150
+        decode(last)
+    dead, dormant = (decode(acc.Images(tag)[-1]) for tag in TAGS)
+    assert dead.shape == dormant.shape and not np.array_equal(dead, dormant)
+
+
+def test_dormant_heatmap_shows_the_dormant_fraction():
+    assert [tb.heat(r, "dormant_fraction")[SITES[0]] for r in REPORTS] == [1.0, 1.0, 1.0, 1.0]
+    head = [tb.heat(r, "dormant_fraction")[SITES[1]] for r in REPORTS]
+    assert head[0] == -math.inf and head[1] == 0.25 and math.isnan(head[2]) and head[3] == 0.0
+    fig = tb.figure(history("dormant_fraction"), SITES, [10, 20, 30, 40], "dormant fraction")
+    ax = cells_axes(fig)
+    assert ax.get_title(loc="left") == "dormant fraction"
+    assert pixel(fig, ax, 0, 0) == (255, 255, 255)   # dormant everywhere while barely dead at first
+
+
+def test_fallback_without_matplotlib_is_the_raw_image(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # `import matplotlib` raises ImportError
+    reporter, acc = emit_all(tmp_path, image_every=2)
+    assert not reporter.plots
+    assert set(acc.Tags()["images"]) == set(TAGS)              # the same tags
+    for tag, field in tb.HEATMAPS.items():
+        images = acc.Images(tag)
+        assert [im.step for im in images] == [10, 30]          # every image_every=2 reports
+        for im, columns in zip(images, (1, 3)):
+            assert (im.height, im.width) == (len(SITES) * tb.CELL_H, columns * tb.CELL_W)
+        img = decode(images[-1])
+        expected = tb.heatmap(history(field)[:3], SITES).numpy()
+        assert np.abs(img - 255 * expected.transpose(1, 2, 0)).max() <= 1      # 8-bit rounding
+
+
+# ---- the CLI: sparkline and top cause -----------------------------------------------------------
+
+@pytest.mark.parametrize("values, line", [
+    ([0.0, 0.5, 1.0], "▁▅█"),
+    ([None, 0.0, 0.01, None], "·▁▂·"),                              # idle: the blank mark; any dead unit shows
+    ([1 / 7, 1 / 7 + 1e-6, 2 / 7, 3 / 7, 4 / 7, 5 / 7, 6 / 7, 6 / 7 + 1e-6], "▂▃▃▄▅▆▇█"),
+    ([], ""),
+])
+def test_sparkline(values, line):
+    assert cli.sparkline(values) == line
+
+
+def test_sparkline_bins_long_runs_keeping_spikes():
+    values = [0.0] * 48
+    values[7] = 1.0                      # one spike in bin 3 of 24 (2 reports a bin)
+    values[20:24] = [None] * 4           # bins 10 and 11: idle throughout
+    assert cli.sparkline(values) == "▁▁▁█▁▁▁▁▁▁··▁▁▁▁▁▁▁▁▁▁▁▁"
+    assert len(cli.sparkline([0.5] * 1000)) == cli.SPARK_WIDTH
+
+
+def write_log(run_dir, *runs):
+    """A run log holding `runs` (each a list of Reports), each after its own header."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for reports in runs:
+        lines.append({"type": "header", "started": "2025-01-01T00:00:00+00:00", "deadwatch": "0.1.0",
+                      "torch": "2.0", "config": {}, "resumed": False})
+        lines += [{"type": "report", "time": "2025-01-01T00:00:00+00:00", **r.to_dict(), "firing_rate": {}}
+                  for r in reports]
+    (run_dir / runlog.FILENAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(run_dir)
+
+
+def table(text):
+    header, rows = None, {}
+    for line in text.splitlines():
+        if line.startswith("┃") and header is None:
+            header = [c.strip() for c in line.strip("┃").split("┃")]
+        elif line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            rows[cells[0]] = dict(zip(header, cells))
+    return header, rows
+
+
+@pytest.fixture(autouse=True)
+def wide_plain_console(monkeypatch):
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS", "NO_COLOR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COLUMNS", "250")
+
+
+def summary(capsys, *argv):
+    capsys.readouterr()
+    assert cli.main(["summary", *map(str, argv)]) == 0
+    out = capsys.readouterr().out
+    return out, *table(out)
+
+
+CAUSE = Cause(code="negative_bias", score=1.0, evidence="dead units' bias median -4.1, live 0.02")
+
+
+def test_summary_shows_the_sparkline_of_the_latest_run_and_the_top_cause(tmp_path, capsys):
+    earlier = [Report(step=10, window=10, layers=[layer(SITES[0], "critical", 8), layer(SITES[1], "critical", 8)])]
+    latest = list(REPORTS)
+    latest[-1] = Report(step=40, window=10, layers=[layer(SITES[0], "critical", 8, causes=[CAUSE]),
+                                                    layer(SITES[1], "ok", 0)])
+    path = write_log(tmp_path / "run", earlier, latest)
+    out, header, rows = summary(capsys, path)
+    assert header.index("dead per report") == header.index("dead trend") - 1
+    assert rows[SITES[0]]["dead per report"] == "▁▅██"          # 0, 4/8, 8/8, 8/8
+    assert rows[SITES[1]]["dead per report"] == "·▁▁▁"          # idle, then 0 (nonfinite at 30 with 0 dead)
+    # the top cause with its evidence on the flagged site's line
+    line = next(line for line in out.splitlines() if line.startswith(f"{SITES[0]} (critical): "))
+    assert line == f"{SITES[0]} (critical): {CAUSE.hint()}"
+    assert CAUSE.hint().startswith("negative_bias (dead units' bias median -4.1, live 0.02): ")
+    # --site keeps the sparkline of the kept site
+    out, header, rows = summary(capsys, path, "--site", "head")
+    assert list(rows) == [SITES[1]] and rows[SITES[1]]["dead per report"] == "·▁▁▁"
+
+
+def test_summary_without_a_cause_shows_the_status_hint(tmp_path, capsys):
+    path = write_log(tmp_path / "run", REPORTS)
+    out, header, rows = summary(capsys, path)
+    assert f"{SITES[0]} (critical): {HINTS['critical']}" in out.splitlines()
+    assert re.fullmatch(r"[▁-█·]{4}", rows[SITES[0]]["dead per report"])
+
+
+def test_custom_scalars_put_dormant_and_saturated_beside_dead(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    reporter, acc = emit_all(tmp_path, REPORTS[:1])
+    (tag,) = acc.PluginTagToContent("custom_scalars")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(tag)[0].tensor_proto.string_val[0])
+    (category,) = layout.category
+    shown = [[t for t in ("deadwatch/dead_fraction/a", "deadwatch/dormant_fraction/a",
+                          "deadwatch/saturated_fraction/a", "deadwatch/threshold/warn")
+              if any(re.match(rx, t) for rx in chart.multiline.tag)] for chart in category.chart]
+    assert shown[:3] == [["deadwatch/dead_fraction/a", "deadwatch/threshold/warn"],
+                         ["deadwatch/dormant_fraction/a", "deadwatch/threshold/warn"],
+                         ["deadwatch/saturated_fraction/a", "deadwatch/threshold/warn"]]
