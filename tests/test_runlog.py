@@ -132,7 +132,7 @@ def test_header_then_one_flushed_record_per_report(tmp_path):
     assert before <= started <= after
     cfg = header["config"]
     assert cfg["window"] == 5 and cfg["report_every"] == 5
-    assert cfg["thresholds"] == {"warn": WARN, "critical": CRITICAL}
+    assert cfg["thresholds"] == {"warn": WARN, "critical": CRITICAL, "dormant": 0.1, "saturated": 0.1, "rare": 0.1}
     assert cfg["reporters"] == ["jsonl", "tensorboard"]
     # the header's config is the config used: loading it gives the same Config
     assert load_config(cfg) == load_config(None, window=5, report_every=5, reporters=["jsonl", "tensorboard"],

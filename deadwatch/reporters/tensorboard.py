@@ -215,6 +215,8 @@ class TensorBoardReporter:
         self.plots = plotting_available()
         self.history: dict[str, list[dict[str, float]]] = {tag: [] for tag in HEATMAPS}
         self.steps: list[int] = []
+        self.sites: list[str] = []
+        self.drawn: int | None = None  # the step of the last heatmaps drawn
         self.reports = 0
 
     def emit(self, report: Report) -> None:
@@ -239,21 +241,33 @@ class TensorBoardReporter:
         for tag, field in HEATMAPS.items():
             self.history[tag] = (self.history[tag] + [heat(report, field)])[-HEATMAP_COLUMNS:]
         self.steps = (self.steps + [step])[-HEATMAP_COLUMNS:]
+        self.sites = [layer.name for layer in report.layers]
         if self.reports % self.config.image_every == 0:
-            sites = [layer.name for layer in report.layers]
-            for tag, field in HEATMAPS.items():
-                if self.plots:
-                    w.add_figure(tag, figure(self.history[tag], sites, self.steps, LABELS[field]), step, close=True)
-                else:
-                    w.add_image(tag, heatmap(self.history[tag], sites), step)
+            self._draw()
         self.reports += 1
         # add_text would append "/text_summary" to the tag: write the text plugin's summary as is
         w._get_file_writer().add_summary(text_pb("deadwatch/summary", markdown(report)), step)
         w.flush()
         self._raise_kept()
 
+    def _draw(self) -> None:
+        """The heatmaps of the reports so far (drawing a figure takes a tenth of a second or more: every
+        image_every reports, and the last one at close)."""
+        step = self.steps[-1]
+        for tag, field in HEATMAPS.items():
+            if self.plots:
+                self.writer.add_figure(tag, figure(self.history[tag], self.sites, self.steps, LABELS[field]), step,
+                                       close=True)
+            else:
+                self.writer.add_image(tag, heatmap(self.history[tag], self.sites), step)
+        self.drawn = step
+
     def close(self) -> None:
-        self.writer.close()
+        try:
+            if self.steps and self.drawn != self.steps[-1]:
+                self._draw()
+        finally:
+            self.writer.close()
         self._raise_kept()
 
     def _raise_kept(self) -> None:
