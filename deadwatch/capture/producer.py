@@ -8,28 +8,34 @@ that feeds this one. Used by the report path (causes), never by the hook path.
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any, Hashable, Iterator
 
 import torch
 
 DEPTH = 12  # graph nodes to look back: enough for view/permute/dropout between layer and activation
 
 
-def find_bias(out: torch.Tensor, units: int, params: dict[int, str]) -> tuple[torch.nn.Parameter, str] | None:
-    """(the bias parameter feeding `out`'s units, its name in the model), or None without a graph."""
+def _edges(out: torch.Tensor, depth: int) -> Iterator[Any]:
+    """The graph nodes behind `out`, breadth first, `depth` levels back."""
     frontier, seen = [out.grad_fn], set()
-    for _ in range(DEPTH):
+    for _ in range(depth):
         nxt = []
         for fn in frontier:
             if fn is None or fn in seen:
                 continue
             seen.add(fn)
             for child, _ in fn.next_functions:
-                var = getattr(child, "variable", None)  # AccumulateGrad: a leaf, i.e. a parameter
-                if var is not None and var.ndim == 1 and var.numel() == units and id(var) in params:
-                    return var, params[id(var)]
+                yield child
                 nxt.append(child)
         frontier = nxt
+
+
+def find_bias(out: torch.Tensor, units: int, params: dict[int, str]) -> tuple[torch.nn.Parameter, str] | None:
+    """(the bias parameter feeding `out`'s units, its name in the model), or None without a graph."""
+    for node in _edges(out, DEPTH):
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf, i.e. a parameter
+        if var is not None and var.ndim == 1 and var.numel() == units and id(var) in params:
+            return var, params[id(var)]
     return None
 
 
@@ -57,16 +63,4 @@ def neighbour_bias(module: torch.nn.Module | None, context: torch.nn.Module | No
 
 def find_input_site(out: torch.Tensor, outputs: dict[Any, Hashable]) -> Hashable | None:
     """The site whose output (its grad_fn, in `outputs`) `out` was computed from, nearest first."""
-    frontier, seen = [out.grad_fn], set()
-    for _ in range(3 * DEPTH):
-        nxt = []
-        for fn in frontier:
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            for child, _ in fn.next_functions:
-                if child is not None and child in outputs:
-                    return outputs[child]
-                nxt.append(child)
-        frontier = nxt
-    return None
+    return next((outputs[node] for node in _edges(out, 3 * DEPTH) if node is not None and node in outputs), None)
