@@ -11,6 +11,7 @@ float64 site keeps its full range and a bf16 site compares in bf16, as its count
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -33,7 +34,7 @@ BUFFERS = (
     Buffer("fired", torch.float64, 0.0, True, "values > threshold this interval"),
     Buffer("step_abs", torch.float64, 0.0, False, "sum of |output| this step, counted values (for dormant)"),
     Buffer("abs_sum", torch.float64, 0.0, True, "sum of |output| this interval, counted values"),
-    Buffer("step_near", torch.float32, 0.0, False, "values near a bound this step (bounded sites only)"),
+    Buffer("step_near", torch.float64, 0.0, False, "values near a bound this step (bounded sites only)"),
     Buffer("near", torch.float64, 0.0, True, "values near a bound this interval (bounded sites only)"),
     Buffer("last_fired", torch.int32, -1, True, "last step in which the unit fired, -1 for never"),
     Buffer("last_nonfinite", torch.int32, -1, True, "last step with a NaN/inf output, -1 for never"),
@@ -90,7 +91,6 @@ class Site:
     def warn_once(self, message: str) -> None:
         if not self.warned:
             self.warned = True
-            import warnings
             warnings.warn(f"deadwatch: site {self.name!r}: {message}", RuntimeWarning, stacklevel=4)
 
 
@@ -101,8 +101,9 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
     fired count (for zero_fraction) comes from the first 1/count_subsample of the batch: the
     sign of (output - threshold), summed (sign, not a bool `>`: summing float 0/1 is several
     times faster than summing bools). The same rows give the per-unit sum of |output| (the
-    dormant score) and, at bounded activations only, the count of values near a bound. Each extra pass over a large activation costs memory
-    bandwidth, which is what the training step is made of.
+    dormant score) and, at bounded activations only, the count of values near a bound. Each
+    extra pass over a large activation costs memory bandwidth, which is what the training step
+    is made of.
 
     `mask` (True/1 = a real position, shaped like the output without its unit axis) leaves the
     other positions (padding) out of everything; it is ignored where the shapes differ.
@@ -154,7 +155,7 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
             centred.masked_fill_(keep.logical_not(), 0)  # the middle: never near a bound
         near = centred.abs_().sub_(site.reach).sign_().clamp_(min=0)
         if first:
-            torch.sum(near, site.dims, dtype=torch.float32, out=site.step_near)
+            torch.sum(near, site.dims, dtype=torch.float64, out=site.step_near)
         else:
             site.step_near.add_(torch.sum(near, site.dims, dtype=torch.float64 if wide else torch.float32))
     site.step_observations = site.step_observations + (keep.sum() if keep is not None else n)

@@ -24,6 +24,7 @@ from deadwatch.analysis import HINTS, LayerReport, Report
 from deadwatch.causes import Cause
 from deadwatch.reporters import runlog
 from deadwatch.reporters import tensorboard as tb
+from test_cli import table  # the rich-table parser the CLI tests use
 
 matplotlib = pytest.importorskip("matplotlib")   # in the dev extra; the fallback tests below run either way
 from matplotlib.figure import Figure  # noqa: E402
@@ -223,17 +224,6 @@ def write_log(run_dir, *runs):
                   for r in reports]
     (run_dir / runlog.FILENAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
     return str(run_dir)
-
-
-def table(text):
-    header, rows = None, {}
-    for line in text.splitlines():
-        if line.startswith("┃") and header is None:
-            header = [c.strip() for c in line.strip("┃").split("┃")]
-        elif line.startswith("│"):
-            cells = [c.strip() for c in line.strip("│").split("│")]
-            rows[cells[0]] = dict(zip(header, cells))
-    return header, rows
 
 
 @pytest.fixture(autouse=True)

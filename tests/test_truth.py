@@ -343,3 +343,17 @@ def test_counts_past_float32_exactness_stay_exact():
     layer = monitor.report().layer("0")
     assert layer.observations == EXACT_FLOAT32 + 4
     assert layer.firing_rate.tolist() == [1.0]   # fired == observations exactly
+
+
+@pytest.mark.parametrize("first_call_small", [False, True], ids=["one_call", "folded"])
+def test_near_a_bound_counts_past_float32_exactness_stay_exact(first_call_small):
+    """The near-a-bound count is a float64 sum too: with saturation.share 1, a sigmoid unit at its upper
+    bound for all of 2**24 + 1 values is saturated only if every value is counted."""
+    model = nn.Sequential(nn.Sigmoid())
+    with deadwatch.watch(model, reporters=[], count_subsample=1, saturation={"share": 1.0}) as monitor:
+        if first_call_small:
+            model(torch.full((3, 1), 50.0))
+        model(torch.full((EXACT_FLOAT32 + 1, 1), 50.0))
+        monitor.step()
+    layer = monitor.report().layer("0")
+    assert layer.saturated_units == [0]
