@@ -1,16 +1,30 @@
 """Training-step overhead of deadwatch at defaults (reporters off), paired against plain steps.
 
-A plain, a watched and a naively counted copy of each model live in one process;
-their steps are interleaved one by one, rotating which goes first, and the
-medians are compared: whole-run timings on a shared machine drift by more than
-the effect. Every activation site is watched, the functional GELU included.
-The naive reference counts (out > 0) per unit in three passes, as a hand-written
-hook would.
+A plain, a watched, a no-op-hooked and a naively counted copy of each model live in one process;
+their steps (forward, backward, SGD step) are interleaved one by one, rotating which goes first,
+and the medians are compared: whole-run timings on a shared machine drift by more than the effect.
+Every activation site is watched, the functional GELU included.
 
-    python benchmarks/overhead.py [--steps 300] [--rounds 1] [--threads 1] [--models mlp,cnn,transformer]
+    python benchmarks/overhead.py [--steps 200] [--rounds 1] [--threads 1] [--models mlp,cnn,transformer]
+    python benchmarks/overhead.py --models mobilenet,resnet18 --steps 100
+    python benchmarks/overhead.py --compile [--models transformer] [--no-fullgraph]
 
-`--models small` times a small CNN on 8x8 digit-sized inputs (batch 64, steps of about 2 ms), where
-deadwatch's fixed cost per step and per site shows most.
+Columns: sites watched; plain and watched medians; ratio = watched/plain and +ms a step; hooks =
+activation modules given a bare no-op forward hook and noop = that copy's time/plain, the floor any
+per-module hook pays (a functional activation has no module: the transformer's F.gelu is not in
+it); naive = a hand-written hook counting (out > 0) per unit in three passes, time/plain.
+
+Models: `small`, a CNN on 8x8 digit-sized inputs (batch 64, steps of about 2 ms), where the fixed
+cost per step and per site shows most; `mobilenet` and `resnet18`, torchvision's MobileNetV3-small
+and ResNet-18 layouts rebuilt here (torchvision does not import next to this CPU torch), on smaller
+inputs than 224x224 so a run fits two shared cores: MobileNetV3-small batch 16 at 128x128, ResNet-18
+batch 8 at 112x112 (`--size` sets the side). Smaller maps make the ratio worse, not better: the
+squeeze-excitation sites run on 1x1 maps at any input size, so their fixed cost weighs more.
+
+`--compile`: plain and watched copies each through torch.compile(fullgraph=True) (watch, then
+compile), compiled in the warm-up steps, timed interleaved like the eager ones (rows marked *).
+A model that fails to compile is reported in one line; the graph breaks of the watched model
+(torch._dynamo's counters) are printed and should be 0. `--no-fullgraph` lets it break.
 """
 
 from __future__ import annotations
@@ -19,12 +33,14 @@ import argparse
 import copy
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import deadwatch
+from deadwatch.capture.activations import is_activation
 
 
 class MLP(nn.Module):
@@ -38,15 +54,21 @@ class MLP(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c: int) -> None:
+    """ResNet's BasicBlock: one ReLU module called twice, a 1x1 downsample where the shape changes."""
+
+    def __init__(self, c: int, out: int | None = None, stride: int = 1) -> None:
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        out = out or c
+        self.conv1, self.bn1 = nn.Conv2d(c, out, 3, stride, padding=1, bias=False), nn.BatchNorm2d(out)
+        self.conv2, self.bn2 = nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out)
         self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(c, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+                           if stride != 1 or out != c else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + x)
+        skip = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.bn2(self.conv2(out)) + skip)
 
 
 class CNN(nn.Module):
@@ -100,14 +122,107 @@ class SmallCNN(nn.Module):
         return self.out(self.act3(self.fc(h)))
 
 
-def workloads() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+def conv_bn(c: int, out: int, k: int, stride: int = 1, groups: int = 1, act: type | None = None) -> nn.Sequential:
+    """Conv (no bias), BatchNorm with MobileNetV3's eps and momentum, then the activation if any."""
+    layers = [nn.Conv2d(c, out, k, stride, (k - 1) // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(out, eps=1e-3, momentum=0.01)]
+    return nn.Sequential(*layers, act(inplace=True)) if act is not None else nn.Sequential(*layers)
+
+
+def round8(v: float) -> int:
+    """Channels rounded to a multiple of 8, at least 8 and not below 90% of v (MobileNet's rule)."""
+    r = max(8, int(v + 4) // 8 * 8)
+    return r + 8 if r < 0.9 * v else r
+
+
+class SqueezeExcite(nn.Module):
+    """Global average -> 1x1 conv -> ReLU -> 1x1 conv -> Hardsigmoid, which scales the input's channels.
+    Both activations run on 1x1 maps: sites where the fixed cost per site is nearly all the cost."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        squeeze = round8(c // 4)
+        self.fc1, self.act = nn.Conv2d(c, squeeze, 1), nn.ReLU()
+        self.fc2, self.gate = nn.Conv2d(squeeze, c, 1), nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc2(self.act(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand (unless expand == in), kxk depthwise, optional squeeze-excitation, 1x1 project;
+    a skip connection where stride 1 keeps the shape."""
+
+    def __init__(self, c: int, k: int, expand: int, out: int, se: bool, act: type, stride: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [conv_bn(c, expand, 1, act=act)] if expand != c else []
+        layers.append(conv_bn(expand, expand, k, stride, groups=expand, act=act))
+        if se:
+            layers.append(SqueezeExcite(expand))
+        layers.append(conv_bn(expand, out, 1))
+        self.block = nn.Sequential(*layers)
+        self.skip = stride == 1 and c == out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.skip else self.block(x)
+
+
+class MobileNetV3Small(nn.Module):
+    """torchvision's mobilenet_v3_small layout, rebuilt (torchvision does not import next to this torch):
+    42 activation modules (ReLU, Hardswish, Hardsigmoid), 16 of them in squeeze-excitation on 1x1 maps."""
+
+    # in, kernel, expand, out, squeeze-excitation, activation, stride
+    CONFIG = [(16, 3, 16, 16, True, nn.ReLU, 2), (16, 3, 72, 24, False, nn.ReLU, 2),
+              (24, 3, 88, 24, False, nn.ReLU, 1), (24, 5, 96, 40, True, nn.Hardswish, 2),
+              (40, 5, 240, 40, True, nn.Hardswish, 1), (40, 5, 240, 40, True, nn.Hardswish, 1),
+              (40, 5, 120, 48, True, nn.Hardswish, 1), (48, 5, 144, 48, True, nn.Hardswish, 1),
+              (48, 5, 288, 96, True, nn.Hardswish, 2), (96, 5, 576, 96, True, nn.Hardswish, 1),
+              (96, 5, 576, 96, True, nn.Hardswish, 1)]
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 16, 3, 2, act=nn.Hardswish),
+                                      *[InvertedResidual(*cfg) for cfg in self.CONFIG],
+                                      conv_bn(96, 576, 1, act=nn.Hardswish))
+        self.classifier = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(inplace=True),
+                                        nn.Dropout(0.2, inplace=True), nn.Linear(1024, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18 layout: 7x7 stem, max pool, 4 stages of 2 BasicBlocks (64-512), 17 ReLU sites
+    on 9 ReLU modules (each block calls its ReLU twice)."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, 2, 1))
+        widths = [64, 128, 256, 512]
+        self.stages = nn.Sequential(*[nn.Sequential(BasicBlock(c_in, c, 1 if i == 0 else 2), BasicBlock(c))
+                                      for i, (c_in, c) in enumerate(zip([64] + widths, widths))])
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1))
+
+
+def workloads(size: int | None) -> dict[str, Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]]]:
+    """Each model with one fixed batch, built on demand."""
     g = torch.Generator().manual_seed(0)
+
+    def images(n: int, c: int, side: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, c, side, side, generator=g), torch.randint(0, classes, (n,), generator=g)
+
     return {
-        "mlp": (MLP(), torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)),
-        "cnn": (CNN(), torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
-        "transformer": (Transformer(), torch.randint(0, 1000, (16, 64), generator=g),
-                        torch.randint(0, 1000, (16, 64), generator=g)),
-        "small": (SmallCNN(), torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)),
+        "mlp": lambda: (MLP(), torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)),
+        "cnn": lambda: (CNN(), *images(32, 3, 32, 10)),
+        "transformer": lambda: (Transformer(), torch.randint(0, 1000, (16, 64), generator=g),
+                                torch.randint(0, 1000, (16, 64), generator=g)),
+        "small": lambda: (SmallCNN(), *images(64, 1, 8, 10)),
+        "mobilenet": lambda: (MobileNetV3Small(), *images(16, 3, size or 128, 1000)),
+        "resnet18": lambda: (ResNet18(), *images(8, 3, size or 112, 1000)),
     }
 
 
@@ -127,14 +242,23 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, monitor=None):
     return step
 
 
+def noop_hooks(model: nn.Module) -> int:
+    """A bare forward hook that does nothing on every activation module deadwatch watches: the floor of
+    any per-module hook. Functional activations (the transformer's F.gelu) have no module to hook."""
+    mods = [m for m in model.modules() if is_activation(m)]
+    for m in mods:
+        m.register_forward_hook(lambda mod, args, out: None)
+    return len(mods)
+
+
 class NaiveCounter:
-    """The reference to beat: a forward hook per activation (and a wrapper for the functional GELU)
+    """The reference to beat: a forward hook per activation module (and a wrapper for the functional GELU)
     counting (out > 0) per unit in three passes: compare, cast, sum."""
 
     def __init__(self, model: nn.Module) -> None:
         self.counts: dict[int, torch.Tensor] = {}
         for m in model.modules():
-            if isinstance(m, (nn.ReLU, nn.GELU)):
+            if is_activation(m):
                 m.register_forward_hook(lambda mod, args, out: self.count(id(mod), out))
         self.gelu = F.gelu
 
@@ -156,6 +280,28 @@ class NaiveCounter:
         F.gelu = self.gelu
 
 
+class Unpatched:
+    """While a monitor is open, deadwatch wraps F.relu & co. for the whole process, so a plain model
+    beside a watched one would pay the wrappers (and, compiled, trace them). The plain, no-op and
+    naive copies run inside this: with the original functions, as without deadwatch."""
+
+    NAMES = [(ns, attr) for ns in (torch, torch.nn.functional) for attr, value in vars(ns).items()
+             if callable(value) and not attr.startswith("_")]
+
+    def wrap(self, step: Callable[[], float]) -> Callable[[], float]:
+        def unpatched() -> float:  # the swaps are outside the step's own timing
+            swapped = [(ns, attr, value) for ns, attr in self.NAMES
+                       if "__deadwatch_original__" in getattr(value := getattr(ns, attr), "__dict__", {})]
+            for ns, attr, wrapper in swapped:
+                setattr(ns, attr, wrapper.__deadwatch_original__)
+            try:
+                return step()
+            finally:
+                for ns, attr, wrapper in swapped:
+                    setattr(ns, attr, wrapper)
+        return unpatched
+
+
 def interleave(steps: list, n: int, warmup: int) -> list[float]:
     """Run the steps one after another, rotating which goes first; the median time of each."""
     times: list[list[float]] = [[] for _ in steps]
@@ -168,39 +314,100 @@ def interleave(steps: list, n: int, warmup: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def median_round(steps: list, args: argparse.Namespace) -> list[float]:
+    """Repeat the pairing args.rounds times; the round with the median watched/plain ratio."""
+    rounds = sorted((interleave(steps, args.steps, args.warmup) for _ in range(args.rounds)), key=lambda r: r[1] / r[0])
+    return rounds[len(rounds) // 2]
+
+
+def eager_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> float:
+    twin, noop_twin, naive_twin = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    hooked = noop_hooks(noop_twin)
+    naive = NaiveCounter(naive_twin)
+    naive_step = make_step(naive_twin, x, y)
+
+    def naive_counted() -> float:
+        with naive:
+            return naive_step()
+
+    with deadwatch.watch(twin, reporters=[]) as monitor:
+        bare = Unpatched().wrap
+        steps = [bare(make_step(model, x, y)), make_step(twin, x, y, monitor), bare(make_step(noop_twin, x, y)),
+                 bare(naive_counted)]
+        p, w, o, n = median_round(steps, args)
+        sites = len(monitor.report().layers)
+    print(f"{name:<12} {sites:>5} {1e3 * p:>9.2f} {1e3 * w:>10.2f} {w / p:>7.3f} {1e3 * (w - p):>7.2f} "
+          f"{hooked:>5} {o / p:>7.3f} {n / p:>7.3f}")
+    return w / p
+
+
+def graph_breaks() -> tuple[int, str]:
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    return sum(breaks.values()), (next(iter(breaks)).splitlines()[0][:100] if breaks else "")
+
+
+def compiled_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> float:
+    """Plain and watched copies, each through torch.compile (watch first, then compile); compilation in the
+    warm-up steps. A failed compile is one line, not a traceback."""
+    fullgraph = not args.no_fullgraph
+    twin = copy.deepcopy(model)
+    plain = torch.compile(model, fullgraph=fullgraph)
+    with deadwatch.watch(twin, reporters=[]) as monitor:
+        watched = torch.compile(twin, fullgraph=fullgraph)
+        steps = [Unpatched().wrap(make_step(plain, x, y)), make_step(watched, x, y, monitor)]
+        torch._dynamo.utils.counters.clear()
+        try:  # the watched copy first: deadwatch runs every model eagerly until its first step()
+            for _ in range(3):
+                steps[1]()
+            breaks, reason = graph_breaks()
+            torch._dynamo.utils.counters.clear()
+            for _ in range(3):
+                steps[0]()
+            plain_breaks = graph_breaks()[0]
+        except Exception as e:  # noqa: BLE001 - the benchmark reports the failure and goes on
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            msg = "; ".join(lines[:1] + [line for line in lines if line.startswith("Explanation:")][:1])[:240]
+            print(f"{name + '*':<12} compile failed (fullgraph={fullgraph}): {type(e).__name__}: {msg}")
+            return float("nan")
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        p, w = median_round(steps, args)
+        recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        sites = len(monitor.report().layers)
+    print(f"{name + '*':<12} {sites:>5} {1e3 * p:>9.2f} {1e3 * w:>10.2f} {w / p:>7.3f} {1e3 * (w - p):>7.2f} "
+          f"{'-':>5} {'-':>7} {'-':>7}   graph breaks: watched {breaks}, plain {plain_breaks}"
+          + (f" ({reason})" if breaks else "") + (f"; {recompiled} graphs compiled while timed" if recompiled else ""))
+    return w / p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--models", default="mlp,cnn,transformer")
+    ap.add_argument("--models", help="comma-separated, of: mlp, cnn, transformer, small, mobilenet, resnet18 "
+                                     "(default mlp,cnn,transformer; with --compile, transformer)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat each pairing, report the median round")
+    ap.add_argument("--size", type=int, help="image side for mobilenet (default 128) and resnet18 (default 112)")
+    ap.add_argument("--compile", action="store_true", help="plain and watched both torch.compile(fullgraph=True)")
+    ap.add_argument("--no-fullgraph", action="store_true", help="with --compile: allow graph breaks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    loads = workloads()
+    loads = workloads(args.size)
+    names = (args.models or ("transformer" if args.compile else "mlp,cnn,transformer")).split(",")
+    unknown = [n for n in names if n not in loads]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(loads)}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} interleaved steps each, medians "
-          f"(median round of {args.rounds})")
-    print(f"{'model':<12} {'plain ms':>9} {'watched ms':>11} {'ratio':>7} {'naive ms':>9} {'naive ratio':>12}")
-    worst = 0.0
-    for name in args.models.split(","):
-        model, x, y = loads[name]
-        twin, naive_twin = copy.deepcopy(model), copy.deepcopy(model)
-        naive = NaiveCounter(naive_twin)
-        naive_step = make_step(naive_twin, x, y)
-
-        def naive_counted() -> float:
-            with naive:
-                return naive_step()
-
-        with deadwatch.watch(twin, reporters=[]) as monitor:
-            steps = [make_step(model, x, y), make_step(twin, x, y, monitor), naive_counted]
-            rounds = sorted((interleave(steps, args.steps, args.warmup) for _ in range(args.rounds)),
-                            key=lambda r: r[1] / r[0])
-            p, w, n = rounds[len(rounds) // 2]
-        worst = max(worst, w / p)
-        print(f"{name:<12} {1e3 * p:>9.2f} {1e3 * w:>11.2f} {w / p:>7.3f} {1e3 * n:>9.2f} {n / p:>12.3f}"
-              f"   (+{1e3 * (w - p):.2f} ms a step)")
-    print(f"worst ratio {worst:.3f}")
+          f"(median round of {args.rounds})"
+          + (f"; * compiled, fullgraph={not args.no_fullgraph}" if args.compile else ""))
+    print(f"{'model':<12} {'sites':>5} {'plain ms':>9} {'watched ms':>10} {'ratio':>7} {'+ms':>7} "
+          f"{'hooks':>5} {'noop':>7} {'naive':>7}")
+    ratios = []
+    for name in names:
+        model, x, y = loads[name]()
+        ratios.append((compiled_row if args.compile else eager_row)(name, model, x, y, args))
+    ok = [r for r in ratios if r == r]
+    print(f"worst watched/plain {max(ok):.3f}" if ok else "no model timed")
 
 
 if __name__ == "__main__":
