@@ -15,8 +15,8 @@ __all__ = ["watch", "Monitor", "Report", "LayerReport", "Config", "ConfigError",
 
 _HOMES = {"watch": "monitor", "Monitor": "monitor", "Report": "analysis", "LayerReport": "analysis",
           "Config": "config", "ConfigError": "errors", "DeadwatchError": "errors", "RunLogError": "errors"}
-_SUBMODULES = {"analysis", "capture", "causes", "cli", "config", "demo", "errors", "integrations", "monitor", "reporters",
-               "stats", "sync"}
+_SUBMODULES = {"analysis", "capture", "causes", "cli", "config", "demo", "errors", "integrations", "monitor", "recycle",
+               "reporters", "stats", "sync"}
 
 if TYPE_CHECKING:
     from .analysis import LayerReport, Report

@@ -148,7 +148,22 @@ def summary_view(log: runlog.RunLog, report: Report) -> Group:
             lines.append(Text(f"  dead units: {units_text(layer.dead_units)}" + (f"; {died}" if died else "")))
     if not lines:
         lines.append(Text("no site flagged", style="green"))
+    if log.recycles:
+        lines.append(Text(recycled_text([r for _, r in log.recycles])))
     return Group(title, table, *lines, *notes(report))
+
+
+def recycled_text(records: list[dict]) -> str:
+    """'recycled 12 units in 3 recyclings (steps 100–300): act1 8, act2 4' from the run log's recycle records."""
+    per_site: dict[str, int] = {}
+    for record in records:
+        for name, units in record["units"].items():
+            per_site[name] = per_site.get(name, 0) + len(units)
+    steps = [record["step"] for record in records]
+    span = f"step {steps[0]}" if len(set(steps)) == 1 else f"steps {min(steps)}–{max(steps)}"
+    total = sum(per_site.values())
+    return (f"recycled {total} unit{'s' if total != 1 else ''} in {len(records)} recycling{'s' if len(records) != 1 else ''} "
+            f"({span}): " + ", ".join(f"{name} {n}" for name, n in per_site.items()))
 
 
 def cmd_summary(args: argparse.Namespace, out: Console, err: Console) -> int:

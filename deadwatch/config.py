@@ -18,7 +18,9 @@ import yaml
 from .errors import ConfigError
 
 REPORTERS = ("console", "jsonl", "tensorboard")
-SUBKEYS = {"thresholds": ("warn", "critical", "dormant", "saturated", "rare"), "saturation": ("share", "eps")}
+SUBKEYS = {"thresholds": ("warn", "critical", "dormant", "saturated", "rare"), "saturation": ("share", "eps"),
+           "recycle": ("every", "units", "max_fraction")}
+RECYCLE_UNITS = ("dead", "dormant")
 FILE_REPORTERS = ("jsonl", "tensorboard")
 FUNCTIONS = (
     "relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu", "mish",
@@ -46,6 +48,9 @@ class Config:
     saturation_eps: float = 0.01
     rare_rate: float = 0.01
     flag_at: tuple[tuple[str, float], ...] = (("dormant", 0.1), ("saturated", 0.1), ("rare", 0.1))
+    recycle_every: int = 0          # recycle at every N-th periodic report; 0: never (off)
+    recycle_units: str = "dead"     # RECYCLE_UNITS
+    recycle_max_fraction: float = 0.1  # at most this share of a site's units per recycling
     reporters_given: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +71,8 @@ class Config:
             "dormant_tau": self.dormant_tau,
             "saturation": {"share": self.saturation_share, "eps": self.saturation_eps},
             "rare_rate": self.rare_rate,
+            "recycle": {"every": self.recycle_every, "units": self.recycle_units,
+                        "max_fraction": self.recycle_max_fraction},
         }
 
 
@@ -202,6 +209,19 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
     if not eps < 0.5:
         raise ConfigError(f"saturation.eps must be below 0.5 (a fraction of the output range from each bound), "
                           f"got {eps}")
+    recycle = m["recycle"]
+    if not isinstance(recycle, Mapping):
+        raise ConfigError(f"recycle must be a mapping with every, units and max_fraction, got {recycle!r}")
+    every = recycle["every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"recycle.every must be a non-negative integer (reports between recyclings; 0 turns "
+                          f"recycling off), got {every!r}")
+    if recycle["units"] not in RECYCLE_UNITS:
+        raise ConfigError(f"recycle.units must be one of {', '.join(RECYCLE_UNITS)}, got {recycle['units']!r}")
+    max_fraction = _fraction("recycle.max_fraction", recycle["max_fraction"])
+    if max_fraction == 0:
+        raise ConfigError("recycle.max_fraction must be above 0 (it caps the share of a site's units recycled at "
+                          "once), got 0")
     if not isinstance(m["count_eval"], bool):
         raise ConfigError(f"count_eval must be true or false, got {m['count_eval']!r}")
     axes = m["unit_axis"] or {}
@@ -232,5 +252,8 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         saturation_eps=eps,
         rare_rate=_fraction("rare_rate", m["rare_rate"]),
         flag_at=flag_at,
+        recycle_every=every,
+        recycle_units=recycle["units"],
+        recycle_max_fraction=max_fraction,
         reporters_given=reporters_given,
     )

@@ -73,3 +73,19 @@ def test_hf_trainer_example(tmp_path):
     assert [layer.name for layer in last.layers] == [
         "bert.encoder.layer.0.intermediate.intermediate_act_fn", "bert.encoder.layer.1.intermediate.intermediate_act_fn",
         "bert.pooler.activation"]
+
+
+def test_recycle_example(tmp_path):
+    pytest.importorskip("sklearn")
+    out, logdir = run_example("recycle_dead_units.py", tmp_path)
+    assert logdir == tmp_path / "recycled"
+    plain, recycled = runlog.read(str(tmp_path / "plain")), runlog.read(str(logdir))
+    assert plain.recycles == [] and recycled.recycles                 # only the second run recycles
+    assert plain.headers[0]["config"]["recycle"]["every"] == 0
+    assert recycled.headers[0]["config"]["recycle"] == {"every": 1, "units": "dead", "max_fraction": 0.5}
+    first = {name: units for name, units in recycled.recycles[0][1]["units"].items()}
+    assert first and all(units for units in first.values())
+    accuracy = re.search(r"plain (\d+\.\d)%, recycled (\d+\.\d)%", out)
+    assert accuracy, out
+    assert plain.last.dead_fraction > recycled.last.dead_fraction    # fewer units dead at the end
+

@@ -1,5 +1,6 @@
 """Reporters: where reports go. Built in: console, jsonl (the run log), tensorboard; or any object
-with emit(report) and close(), passed in `reporters=[...]`."""
+with emit(report) and close(), passed in `reporters=[...]`. A reporter that also has
+recycled(step, units) is told of each recycling (Monitor.recycle); one without it is not."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ if TYPE_CHECKING:
 class Reporter(Protocol):
     def emit(self, report: Report) -> None:
         """Take one report (rank 0 only). An exception turns this reporter off, with one warning."""
+
+    # Optional, not part of the protocol's check: recycled(step: int, units: dict[str, list[int]]) -> None,
+    # the units recycled at `step` per site (rank 0 only).
 
     def close(self) -> None:
         """Release files and threads; called once, when the monitor closes."""

@@ -68,6 +68,13 @@ def flag_lines(report: Report) -> list[Text]:
     return lines
 
 
+def recycled_line(step: int, units: dict[str, list[int]]) -> str:
+    """'deadwatch: step 200: recycled 5 units: act1 3, act2 2'."""
+    total = sum(len(u) for u in units.values())
+    per_site = ", ".join(f"{name} {len(u)}" for name, u in units.items())
+    return f"deadwatch: step {step}: recycled {total} unit{'s' if total != 1 else ''}: {per_site}"
+
+
 def headline(report: Report) -> str:
     """'1.8% of 282 units dead': over the sites that ran in the window; idle sites are named apart."""
     idle = sum(1 for layer in report.layers if layer.status == IDLE)
@@ -147,6 +154,9 @@ class ConsoleReporter:
 
     def emit(self, report: Report) -> None:
         print_fitted(self.console, render(report))
+
+    def recycled(self, step: int, units: dict[str, list[int]]) -> None:
+        self.console.print(recycled_line(step, units), markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         pass

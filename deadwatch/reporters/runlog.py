@@ -8,6 +8,8 @@ run. A new run may write into a logdir that holds earlier ones: readers take the
 the records since the last header that is not `resumed`.
 then one record per report:
     {"type": "report", "time": ISO time, **Report.to_dict(), "firing_rate": {site: [per-unit rate]}}
+and one per recycling (Monitor.recycle, or the automatic `recycle` of the config):
+    {"type": "recycle", "time": ISO time, "step": int, "units": {site: [recycled unit indices]}}
 Per-unit firing rates, and each layer's per-unit `last_fired`, are written for sites of at most
 FIRING_RATE_CAP units (wider sites keep their dead unit indices only; their last_fired is null). Every record is flushed as it is written, so a run
 killed with SIGKILL keeps every report up to its last; a torn last line is skipped by readers.
@@ -74,6 +76,12 @@ class RunLogReporter:
                 layer["last_fired"] = None
         self._write({"type": "report", "time": _now(), **record, "firing_rate": rates})
 
+    def recycled(self, step: int, units: dict[str, list[int]]) -> None:
+        if not self.header_written:
+            self._write(self._header())
+            self.header_written = True
+        self._write({"type": "recycle", "time": _now(), "step": step, "units": units})
+
     def close(self) -> None:
         pass
 
@@ -87,17 +95,21 @@ def _ends_with_newline(path: str) -> bool:
 class RunLog:
     """What a run log holds: the headers and the reports, in file order."""
 
-    def __init__(self, path: str, headers: list[dict], records: list[dict], skipped: int, starts: list[int]):
+    def __init__(self, path: str, headers: list[dict], records: list[dict], skipped: int, starts: list[int],
+                 recycles: list[tuple[int, dict]] | None = None):
         self.path = path
         self.headers = headers
         self.records = records
         self.skipped = skipped
         self.starts = starts  # index in records where each new (not resumed) run begins
+        # the recycle records, each with the number of report records before it
+        self.recycles: list[tuple[int, dict]] = recycles or []
 
     def latest(self) -> RunLog:
         """The latest run: the reports since the last header that is not `resumed`."""
         start = max([s for s in self.starts if s < len(self.records)], default=0)
-        return RunLog(self.path, self.headers, self.records[start:], self.skipped, [0])
+        recycles = [(at - start, r) for at, r in self.recycles if at >= start]
+        return RunLog(self.path, self.headers, self.records[start:], self.skipped, [0], recycles)
 
     @property
     def earlier_runs(self) -> int:
@@ -131,7 +143,7 @@ def find(run_dir: str) -> str:
 def read(run_dir: str, progress: Callable[[Iterator[str], int], Iterator[str]] | None = None) -> RunLog:
     """Read a run log; torn or corrupt lines are skipped with a warning."""
     path = find(run_dir)
-    headers, records, skipped, starts = [], [], 0, []
+    headers, records, skipped, starts, recycles = [], [], 0, [], []
     try:
         size = os.path.getsize(path)
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -144,15 +156,19 @@ def read(run_dir: str, progress: Callable[[Iterator[str], int], Iterator[str]] |
                 try:
                     record = json.loads(line)
                     kind = record["type"]
-                    if kind not in ("header", "report"):
+                    if kind not in ("header", "report", "recycle"):
                         raise ValueError(f"unknown record type {kind!r}")
                     if kind == "report":
                         Report.from_dict(record)  # checks the fields a reader needs
+                    if kind == "recycle" and not (isinstance(record["step"], int) and isinstance(record["units"], dict)):
+                        raise ValueError("a recycle record needs step and units")
                 except (ValueError, KeyError, TypeError, AttributeError):
                     skipped += 1
                     warnings.warn(f"{path}:{number}: skipped a torn or corrupt record", RuntimeWarning, stacklevel=2)
                     continue
-                if kind == "header":
+                if kind == "recycle":
+                    recycles.append((len(records), record))
+                elif kind == "header":
                     headers.append(record)
                     if not record.get("resumed") and (not starts or starts[-1] != len(records)):
                         starts.append(len(records))
@@ -162,5 +178,5 @@ def read(run_dir: str, progress: Callable[[Iterator[str], int], Iterator[str]] |
         raise RunLogError(f"{path}: cannot be read: {e.strerror}") from None
     if not records:
         raise RunLogError(f"{path}: holds no report yet (the monitor writes one every report_every steps and at close)")
-    return RunLog(path, headers, records, skipped, starts)
+    return RunLog(path, headers, records, skipped, starts, recycles)
 

@@ -10,6 +10,7 @@ Tags (stable: site names only, no shapes or counters):
   deadwatch/heatmap, deadwatch/heatmap_dormant                      images: dead / dormant fraction,
                                                                     sites (rows) x report steps (columns)
   deadwatch/summary                                                 text: the console table as markdown
+  deadwatch/recycled/<site>                                         units recycled at a step (Monitor.recycle)
 An idle site (no counted forward in the window) gets no dead_fraction point at that step, and
 dead_fraction/all none when every site is idle: not judged is not 0% dead.
 
@@ -248,6 +249,12 @@ class TensorBoardReporter:
         # add_text would append "/text_summary" to the tag: write the text plugin's summary as is
         w._get_file_writer().add_summary(text_pb("deadwatch/summary", markdown(report)), step)
         w.flush()
+        self._raise_kept()
+
+    def recycled(self, step: int, units: dict[str, list[int]]) -> None:
+        for name, recycled in units.items():
+            self.writer.add_scalar(f"deadwatch/recycled/{name}", len(recycled), step)
+        self.writer.flush()
         self._raise_kept()
 
     def _draw(self) -> None:
