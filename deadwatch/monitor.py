@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -52,12 +52,17 @@ class Monitor:
             config = config_mod.load(config, **overrides)
         if optimizer is not None and not hasattr(optimizer, "param_groups"):
             raise TypeError(f"deadwatch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if config.recycle_every and optimizer is None:
+            raise ConfigError(f"recycle.every = {config.recycle_every} recycles units during training, which resets "
+                              f"their optimizer state: pass the optimizer, watch(model, optimizer=opt, ...), or "
+                              f"set recycle.every to 0")
         self.config = config
         self.optimizer = optimizer
         self._lr_changes: list[tuple[int, tuple[float, ...]]] = []  # (step from 1, lr per group) when it changed
         self.logdir = os.path.expanduser(os.fspath(logdir)) if logdir is not None else None
         self.steps = 0                     # completed training steps (calls of step())
         self._reported_step = 0            # step of the last periodic report
+        self._recycler: Any = None         # recycle.Recycler, made at the first recycling
         self._closed = False
         self._warned_no_step = False
         self._resumed = False              # load_state_dict() was called: the run log marks the run resumed
@@ -107,6 +112,37 @@ class Monitor:
         finally:
             self._capture.mask_held = False
             self._capture.mask = None
+
+    def recycle(self, optimizer: torch.optim.Optimizer | None = None, sites: Iterable[str] | str | None = None,
+                units: str = "dead") -> dict[str, list[int]]:
+        """Recycle the dead (or, with units="dormant", dormant) units of `sites` (names; None: all), as
+        ReDo does: the producer layer's rows drawn afresh, the consumer layer's columns zeroed, the state
+        of `optimizer` (default: the one given to watch()) reset for exactly those rows and columns, the
+        units' counters started over. Sites where the layers are ambiguous are skipped with one warning.
+        Returns {site: [recycled units]} for the sites where units were recycled. Collective under
+        torch.distributed: call it on every rank; every rank recycles the same units the same way."""
+        if self._closed:
+            raise RuntimeError("deadwatch: recycle() called on a closed monitor")
+        if units not in config_mod.RECYCLE_UNITS:
+            raise ValueError(f"deadwatch: recycle(units=...) must be one of {', '.join(config_mod.RECYCLE_UNITS)}, "
+                             f"got {units!r}")
+        return self._recycle(self.report(), optimizer if optimizer is not None else self.optimizer, sites, units)
+
+    def _recycle(self, report: analysis.Report, optimizer: torch.optim.Optimizer | None, sites: Any, units: str,
+                 max_fraction: float | None = None) -> dict[str, list[int]]:
+        from .recycle import Recycler
+        if self._recycler is None:
+            self._recycler = Recycler(self._capture)
+        result = self._recycler.run(report, optimizer, sites, units, self.steps, max_fraction)
+        if result:
+            for reporter in list(self._reporters):
+                told = getattr(reporter, "recycled", None)  # optional: reporters without it are not told
+                if callable(told):
+                    try:
+                        told(self.steps, result)
+                    except Exception as e:
+                        self._drop(reporter, e)
+        return result
 
     def report(self) -> analysis.Report:
         """The verdict now; resets nothing. Collective under torch.distributed."""
@@ -242,6 +278,9 @@ class Monitor:
         self._reported_step = self.steps
         self._registry.reset_interval()
         self._emit(report)
+        every = self.config.recycle_every * self.config.report_every  # steps: the same after a resume
+        if every and self.steps % every == 0 and not self._closed:  # automatic recycling; not at close
+            self._recycle(report, self.optimizer, None, self.config.recycle_units, self.config.recycle_max_fraction)
 
     def _emit(self, report: analysis.Report) -> None:
         for reporter in list(self._reporters):

@@ -7,10 +7,10 @@ values, C's column u (input channel u of a conv) is zeroed, and the optimizer's 
 exactly those rows and columns is reset. Everything else keeps its values bit for bit.
 
 P, the norm and C are found from the model and the autograd graph:
-- trace() runs once per site, when capture first sees it (with a graph): it walks back from the site's
-  output through ops that keep units apart (views, dropout, scaling) to the layer that made it (through
-  one batch norm at most), notes which earlier site that layer reads straight from, and which earlier
-  sites reach this one's pre-activation without a layer in between (a residual add, a product).
+- when capture first sees a site (with a graph), capture/producer.py walks back from its output through
+  ops that keep units apart (views, dropout, scaling) to the layer that made it (through one norm at
+  most), notes which earlier site that layer reads straight from, and which earlier sites reach this
+  one's pre-activation without a layer in between (a residual add, a product): Capture.layers, .fed;
 - plan() runs at recycle time and adds the module structure: in an nn.Sequential each child reads the
   previous one's output only; elsewhere C is the next layer registered after P, which the graph must
   not contradict. A gated MLP (act(gate(x)) * up(x) -> down) is recognised by its three layers.
@@ -22,174 +22,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import warnings
-import weakref
 from typing import TYPE_CHECKING, Any, Hashable, Iterable, NamedTuple
 
 import torch
 from torch import nn
 
+from .capture.producer import is_norm
+
 if TYPE_CHECKING:
     from .analysis import LayerReport, Report
     from .capture.hooks import Capture
 
-# Autograd ops between a layer and its activation that keep each unit's values its own: views and
-# copies, dropout, and (with a single input that needs grad) scaling or shifting by a constant.
-THROUGH = ("ViewBackward", "UnsafeViewBackward", "ReshapeAlias", "CloneBackward", "NativeDropoutBackward",
-           "ToCopyBackward", "AliasBackward", "MulBackward", "DivBackward", "AddBackward1", "SubBackward1")
-SUMS = ("AddBackward0", "SubBackward0")  # a tensor added: a residual connection, even when it needs no grad
-DEPTH = 36        # graph nodes looked back when tracing: as producer.find_input_site
 # The optimizer state entries shaped like their parameter, and what they start at (others: 0).
 STATE_START = {"sum": "initial_accumulator_value", "step_size": "lr"}  # Adagrad, Rprop: from the param group
 KNOWN_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
                "grad_avg", "exp_inf", "prev", "ax", *STATE_START)
-
-
-class Trace(NamedTuple):
-    """What the graph said about a site when capture first saw it."""
-
-    producer: str | None   # module path of the layer feeding the activation
-    norm: str | None       # module path of a batch norm between it and the activation
-    reads: Hashable | None  # the earlier site whose output the producer reads straight
-    why: str | None        # why the producer could not be told (then producer is None)
-
-
-class _Traces:
-    def __init__(self) -> None:
-        self.sites: dict[Hashable, Trace] = {}
-        self.fed: dict[Hashable, Hashable] = {}  # site -> a later site its output reaches without a layer
-
-
-_TRACES: weakref.WeakKeyDictionary[Any, _Traces] = weakref.WeakKeyDictionary()
-
-
-# -- the graph, once per site (called by Capture._trace)
-def _grad_inputs(node: Any, params: dict[int, str]) -> tuple[list[Any], list[torch.Tensor]]:
-    """A node's inputs that need grad, split into other nodes and the model's parameters (also through
-    the transpose addmm takes of a Linear weight)."""
-    nodes, found = [], []
-    for child, _ in node.next_functions:
-        if child is None:
-            continue
-        var = getattr(child, "variable", None)
-        if var is None and type(child).__name__.startswith(("TBackward", "TransposeBackward", "PermuteBackward")):
-            leaf = [c for c, _ in child.next_functions if c is not None]
-            var = getattr(leaf[0], "variable", None) if len(leaf) == 1 else None
-        if var is not None and id(var) in params:
-            found.append(var)
-        else:
-            nodes.append(child)
-    return nodes, found
-
-
-def _through(node: Any, params: dict[int, str]) -> tuple[Any, str | None]:
-    """Follow ops that keep units apart; the first other node, or why the walk stopped."""
-    for _ in range(DEPTH):
-        name = type(node).__name__ if node is not None else ""
-        if name.startswith(SUMS):
-            return None, "its input is a sum of tensors (a residual add)"
-        if node is None or not name.startswith(THROUGH):
-            return node, None
-        nodes, found = _grad_inputs(node, params)
-        if found or len(nodes) != 1:
-            return None, "its input is a product of tensors that both need grad (a gate?)"
-        node = nodes[0]
-    return None, "no layer found near it in the autograd graph"
-
-
-def trace(capture: Capture, key: Hashable, out: torch.Tensor) -> None:
-    """Once per site, when capture first sees it: the layers around it, from the autograd graph."""
-    traces = _TRACES.get(capture)
-    if traces is None:
-        traces = _TRACES[capture] = _Traces()
-    if out.grad_fn is None:
-        traces.sites[key] = Trace(None, None, None, "it first ran without an autograd graph (no_grad?)")
-        return
-    try:
-        traces.sites[key] = _producer(capture, out)
-        _mark_fed(capture, traces, key, out)
-    except Exception as e:  # the graph of an exotic op: no recycling there, never a failed forward
-        traces.sites[key] = Trace(None, None, None, f"its autograd graph could not be read ({e})")
-
-
-def _module_of(capture: Capture, found: list[torch.Tensor]) -> str | None:
-    paths = {capture.params[id(p)].rpartition(".")[0] for p in found}
-    return paths.pop() if len(paths) == 1 else None
-
-
-def _producer(capture: Capture, out: torch.Tensor) -> Trace:
-    params = capture.params
-    nodes, found = _grad_inputs(out.grad_fn, params)
-    if found:
-        return Trace(None, None, None, "the activation has parameters of its own (PReLU?)")
-    node = nodes[0] if len(nodes) == 1 else _only_layer(capture, out.grad_fn)
-    if node is None:
-        return Trace(None, None, None, "the activation reads several tensors")
-    norm = None
-    for _ in range(2):  # the layer, or a norm and then the layer
-        node, why = _through(node, params)
-        if why is not None:
-            return Trace(None, norm, None, why)
-        if node is None:
-            return Trace(None, norm, None, "no layer with parameters feeds it")
-        inputs, found = _grad_inputs(node, params)
-        path = _module_of(capture, found) if found else None
-        if path is None:
-            return Trace(None, norm, None, f"no single layer feeds it (a {type(node).__name__.removesuffix('Backward0')} op)")
-        module = capture.model.get_submodule(path)
-        if is_norm(module) and norm is None:
-            norm = path
-            if len(inputs) != 1:
-                return Trace(None, norm, None, "its norm reads several tensors")
-            node = inputs[0]
-            continue
-        if len(inputs) > 1:
-            return Trace(None, norm, None, f"its layer {path!r} reads several tensors")
-        reads = None
-        if inputs:
-            source, _ = _through(inputs[0], params)
-            reads = capture.fresh.get(source) if source is not None else None
-        return Trace(path, norm, reads, None)
-    return Trace(None, norm, None, "two norms between the layer and the activation")
-
-
-def _only_layer(capture: Capture, fn: Any) -> Any:
-    """An activation made of several ops (transformers' NewGELUActivation: 0.5 * x * (1 + tanh(...))): the
-    one layer node that every path back from its output reaches, or None."""
-    frontier, seen, layers = [fn], set(), set()
-    for _ in range(DEPTH):
-        nxt = []
-        for node in frontier:
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if node is not fn and node in capture.fresh:
-                return None
-            nodes, found = _grad_inputs(node, capture.params)
-            if found:
-                layers.add(node)
-            else:
-                nxt.extend(nodes)
-        frontier = nxt
-    return layers.pop() if len(layers) == 1 and not frontier else None
-
-
-def _mark_fed(capture: Capture, traces: _Traces, key: Hashable, out: torch.Tensor) -> None:
-    """Earlier sites whose output reaches this site's pre-activation without a layer in between: their
-    units also feed an add or a product, which zeroing one layer's columns does not cover."""
-    frontier, seen = [out.grad_fn], set()
-    for _ in range(DEPTH):
-        nxt = []
-        for fn in frontier:
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            if fn is not out.grad_fn and fn in capture.fresh:
-                traces.fed.setdefault(capture.fresh[fn], key)
-                continue
-            nodes, found = _grad_inputs(fn, capture.params)
-            if not found:  # a layer: what feeds it is read through its weights
-                nxt.extend(nodes)
-        frontier = nxt
 
 
 # -- layers
@@ -201,11 +48,6 @@ def is_conv1d(m: nn.Module) -> bool:
 def is_layer(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or is_conv1d(m) or (
         isinstance(m, nn.modules.conv._ConvNd) and not m.transposed)
-
-
-def is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or \
-        type(m).__name__.endswith("RMSNorm")
 
 
 def out_units(m: nn.Module) -> int | None:
@@ -286,9 +128,8 @@ class Skip(Exception):
 def plan(capture: Capture, key: Any, units: int, occurrences: dict[int, int]) -> Plan:
     """The layers a site's units touch, or Skip saying why they cannot be told apart."""
     model = capture.model
-    traces = _TRACES.get(capture) or _Traces()
-    tr = traces.sites.get(key)
-    fed = traces.fed.get(key)
+    tr = capture.layers.get(key)
+    fed = capture.fed.get(key)
     if fed is not None:
         raise Skip(f"its output also reaches site {str(fed)!r} without a layer in between (a residual add or a "
                    f"product), so zeroing one layer's columns would not keep the network's function")
@@ -346,7 +187,7 @@ def plan(capture: Capture, key: Any, units: int, occurrences: dict[int, int]) ->
         consumer = paths[pick] if pick is not None else None
     if consumer is None or not is_layer(model.get_submodule(consumer)):
         raise Skip("no Linear, Conv or HF Conv1D is registered right after it to read its units")
-    seen = {t.producer for t in traces.sites.values() if t.reads == key and t.producer is not None}
+    seen = {t.producer for t in capture.layers.values() if t.reads == key and t.producer is not None}
     if seen and seen != {consumer}:
         raise Skip(f"the autograd graph shows {sorted(seen)} reading it, the module order {consumer!r}")
     return _checked(model, Plan((producer,), norm, consumer), units, occurrences)

@@ -61,6 +61,9 @@ class Capture:
         self.biases: dict[SiteKey, tuple[nn.Parameter, str]] = {}  # the producer layer's bias
         self.inputs: dict[SiteKey, SiteKey] = {}   # the watched site whose output feeds this one
         self.fresh: dict[Any, SiteKey] = {}        # grad_fn of sites' outputs found this step
+        # For Monitor.recycle() (recycle.py), from the graph too:
+        self.layers: dict[SiteKey, producer.Layers] = {}  # the layers around each site
+        self.fed: dict[SiteKey, SiteKey] = {}      # site -> a later site its output reaches with no layer between
         self.thresholds: dict[int, float] = {}        # id(activation module) -> its output at 0
         self.handles: list[Any] = []
         self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
@@ -205,7 +208,10 @@ class Capture:
     def _trace(self, key: SiteKey, out: torch.Tensor, units: int, context: nn.Module | None,
                module: nn.Module | None) -> None:
         """Once per site: the bias of the layer feeding it and the site feeding that layer, from the graph
-        (the layers around it when there is none)."""
+        (the layers around it when there is none); for recycling, the layers around it."""
+        self.layers[key] = producer.layers_around(out, self.model, self.params, self.fresh)
+        for earlier in producer.reaching_sites(out, self.params, self.fresh):
+            self.fed.setdefault(earlier, key)
         bias = producer.find_bias(out, units, self.params) if out.grad_fn is not None else None
         bias = bias or producer.neighbour_bias(module, context, units, self.params)
         if bias is not None:
