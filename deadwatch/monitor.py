@@ -164,6 +164,7 @@ class Monitor:
         """Counters, last-fired steps and the step counter, for a checkpoint (take it after step()).
         Under torch.distributed it is collective and holds every rank's counters merged, the same on
         every rank: whichever rank's copy is saved, a resumed run gives the verdict of an unbroken one."""
+        self._registry.settle()
         sites = {name: self._registry.state(site) for name, site in self._capture.site_names()}
         if sync.distributed():
             sites = sync.merged_state(sites)

@@ -11,12 +11,18 @@ float64 site keeps its full range and a bf16 site compares in bf16, as its count
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, NamedTuple
 
 import torch
 
 EXACT_FLOAT32 = 1 << 24  # a float32 sum of 0/1 values is exact below this many values
+# A reduction over (N, H, W) of an (N, C, H, W) output is up to ten times slower on CPU than two, over N
+# and then over (H, W), when H*W is small (an (N, 512, 7, 7) ResNet stage, 1x1 to 4x4 MobileNet maps):
+# at most this many values per unit and row, the dims before the unit axis are reduced first.
+SPLIT_BELOW = 64
+SMALL = 4096  # counted values of a call below which a float64 sum costs no more than a float32 one
 
 
 class Buffer(NamedTuple):
@@ -63,14 +69,19 @@ class Site:
             self.middle = (lower + upper) / 2
             self.reach = (upper - lower) / 2 - saturation_eps * (upper - lower)
         self.nonnegative = nonnegative  # output can never be < 0 (ReLU-like): sign(output) is "fired"
+        self.positive = nonnegative or (bounds is not None and bounds[0] >= 0)  # output >= 0: |output| is output
         self.subsample = subsample    # counts on the first 1/subsample of the batch
         self.first_step = first_step
         self.last_ran = -1            # last step with a counted forward of this site, -1 for never
-        self.seen = -1                # the counters' fold_count when this site last ran
+        self.seen = -1                # the counters' fold_count when this site last ran (eager path)
+        self.ran = False              # ran in a compiled graph since the last fold (compiled path)
+        self.index = 0                # its slot in its Counters' per-site buffers
         self.units = 0
         self.ndim = 0
         self.axis = 0
         self.dims: tuple[int, ...] = ()
+        self.lead: tuple[int, ...] = ()   # dims before the unit axis
+        self.trail: tuple[int, ...] = ()  # dims after it, numbered as once the lead dims are reduced
         self.observations: int | torch.Tensor = 0       # values per unit in the interval (completed steps)
         self.step_observations: int | torch.Tensor = 0  # ... in the step now running (a tensor when masked)
         self.offset = 0               # first unit in its Counters' flat buffers
@@ -119,12 +130,16 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
     # The first call of a step writes its reductions straight into the site's buffers (fewer ops:
     # each small op costs microseconds, most of all right after a large matmul); later calls in
     # the same step (a reused module, gradient accumulation) fold into them.
-    first = site.seen != site.counters.fold_count and x.dtype == site.step_max.dtype
+    first = site.seen != site.counters.fold_count and not site.ran and x.dtype == site.step_max.dtype
     site.seen = site.counters.fold_count
-    if first:
+    split = site.trail and site.lead and 1 < math.prod(x.shape[site.axis + 1:]) <= SPLIT_BELOW
+    if first and split:
+        torch.amax(torch.amax(x, site.lead), site.trail, out=site.step_max)
+    elif first:
         torch.amax(x, site.dims, out=site.step_max)
     else:
-        torch.maximum(site.step_max, torch.amax(x, site.dims), out=site.step_max)
+        most = torch.amax(torch.amax(x, site.lead), site.trail) if split else torch.amax(x, site.dims)
+        torch.maximum(site.step_max, most, out=site.step_max)
     if site.subsample > 1:
         batch = site.dims[0]
         rows = -(-x.shape[batch] // site.subsample)
@@ -135,30 +150,41 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
         fired = torch.sign(x)
     else:
         fired = torch.sign(x - site.threshold if site.threshold else x).clamp_(min=0)
-    wide = n >= EXACT_FLOAT32 or x.dtype == torch.float64
-    if first:
-        torch.sum(fired, site.dims, dtype=torch.float64, out=site.step_fired)
-    else:
-        site.step_fired.add_(torch.sum(fired, site.dims, dtype=torch.float64 if wide else torch.float32))
-    # Dormant: the sum of |output| per unit (a ReLU-like output is its own magnitude); padding adds 0.
+    # Sums in float32 (a float64 reduction of float32 values is several times slower on CPU), exact for
+    # counts below 2**24 values per unit; beyond that, and for float64 outputs, in float64. Small ones
+    # in float64 too, straight into the buffers: one op fewer, which is what counts there.
+    small = x.numel() <= SMALL
+    acc = torch.float64 if small or n >= EXACT_FLOAT32 or x.dtype == torch.float64 else torch.float32
+    _fold_sum(site.step_fired, fired, site, split, acc, first)
+    # Dormant: the sum of |output| per unit (an output that is never negative is its own magnitude); padding adds 0.
     if keep is not None:
-        magnitude = raw.masked_fill(keep.logical_not(), 0).abs_()
+        magnitude = raw.masked_fill(keep.logical_not(), 0)
+        magnitude = magnitude if site.positive else magnitude.abs_()
     else:
-        magnitude = raw if site.nonnegative else raw.abs()
-    if first:
-        torch.sum(magnitude, site.dims, dtype=torch.float64, out=site.step_abs)
-    else:
-        site.step_abs.add_(torch.sum(magnitude, site.dims, dtype=torch.float64))
+        magnitude = raw if site.positive else raw.abs()
+    _fold_sum(site.step_abs, magnitude, site, split, acc, first)
     if site.bounds is not None:  # bounded activations only: values within eps*(upper-lower) of a bound
         centred = raw - site.middle
         if keep is not None:
             centred.masked_fill_(keep.logical_not(), 0)  # the middle: never near a bound
         near = centred.abs_().sub_(site.reach).sign_().clamp_(min=0)
-        if first:
-            torch.sum(near, site.dims, dtype=torch.float64, out=site.step_near)
-        else:
-            site.step_near.add_(torch.sum(near, site.dims, dtype=torch.float64 if wide else torch.float32))
+        _fold_sum(site.step_near, near, site, split, acc, first)
     site.step_observations = site.step_observations + (keep.sum() if keep is not None else n)
+
+
+def _fold_sum(buffer: torch.Tensor, values: torch.Tensor, site: Site, split: bool, acc: torch.dtype,
+              first: bool) -> None:
+    """buffer (float64) = (first call of the step) or += the per-unit sum of values, summed in `acc`."""
+    if split:
+        values, dims = torch.sum(values, site.lead, dtype=acc), site.trail
+    else:
+        dims = site.dims
+    if first and acc == torch.float64:
+        torch.sum(values, dims, dtype=acc, out=buffer)
+    elif first:
+        buffer.copy_(torch.sum(values, dims, dtype=acc))
+    else:
+        buffer.add_(torch.sum(values, dims, dtype=acc))
 
 
 class Counters:
@@ -174,6 +200,11 @@ class Counters:
         self.bounded = False  # some site counts values near a bound: step_near needs folding
         for b in BUFFERS:
             setattr(self, b.name, torch.empty(0, dtype=b.dtype or dtype, device=device))
+        # Per site, for the compiled path (capture/compiled.py), which cannot count in Python: values
+        # counted this step, and in the interval until a report moves them to site.observations.
+        self.traced = False  # a compiled graph counts into step_obs: fold it
+        self.step_obs = torch.zeros(0, dtype=torch.float64, device=device)
+        self.obs = torch.zeros(0, dtype=torch.float64, device=device)
 
     @property
     def units(self) -> int:
@@ -181,7 +212,10 @@ class Counters:
 
     def add(self, site: Site) -> None:
         site.offset = self.units
+        site.index = len(self.sites)
         site.counters = self
+        self.step_obs = torch.cat([self.step_obs, self.step_obs.new_zeros(1)])
+        self.obs = torch.cat([self.obs, self.obs.new_zeros(1)])
         for b in BUFFERS:
             fill = self.lowest if b.initial == "lowest" else site.threshold if b.initial == "threshold" else b.initial
             grown = torch.full((site.units,), fill, dtype=b.dtype or self.dtype, device=self.device)
@@ -192,6 +226,10 @@ class Counters:
             setattr(self, second, both[1])
         self.bounded = self.bounded or site.bounds is not None
         self.sites.append(site)
+        if self.device.type == "cuda":  # CUDA graphs (torch.compile mode="reduce-overhead") mutate them in place
+            from torch._dynamo import mark_static_address
+            for t in (self.step_max, self.pairs["step_fired"], self.step_near, self.step_obs):
+                mark_static_address(t)
         for s in self.sites:  # the buffers are new: point every site at them again
             s.step_max, s.step_fired = self.step_max[s.slice], self.step_fired[s.slice]
             s.step_abs, s.step_near = self.step_abs[s.slice], self.step_near[s.slice]
@@ -208,6 +246,9 @@ class Counters:
         if self.bounded:
             self.near += self.step_near.masked_fill_(bad, 0)
             self.step_near.zero_()
+        if self.traced:
+            self.obs += self.step_obs
+            self.step_obs.zero_()
         self.step_max.fill_(self.lowest)
         self.fold_count += 1
 
@@ -225,6 +266,8 @@ class Registry:
         site.axis = axis
         site.units = out.shape[axis]
         site.dims = tuple(d for d in range(out.ndim) if d != axis)
+        site.lead = tuple(range(axis))
+        site.trail = tuple(range(1, out.ndim - axis))
         key = (out.device, out.dtype)
         counters = self.by_device.get(key)
         if counters is None:
@@ -234,16 +277,29 @@ class Registry:
 
     def fold(self, step: int) -> None:
         for site in self.sites:
-            if site.seen == site.counters.fold_count:
+            if site.seen == site.counters.fold_count or site.ran:
                 site.last_ran = step
+                site.ran = False
             site.observations = site.step_observations + (0 if self.reset_pending else site.observations)
             site.step_observations = 0
         for counters in self.by_device.values():
             if self.reset_pending:
                 for name in INTERVAL:
                     getattr(counters, name).zero_()
+                if counters.traced:
+                    counters.obs.zero_()
             counters.fold(step)
         self.reset_pending = False
+
+    def settle(self) -> None:
+        """Move the values the compiled path counted (on the device) into site.observations: one copy per
+        Counters, on the report and checkpoint path only."""
+        for counters in self.by_device.values():
+            if counters.traced:
+                counted = counters.obs.tolist()
+                counters.obs.zero_()
+                for site in counters.sites:
+                    site.observations = site.observations + int(counted[site.index])
 
     def reset_interval(self) -> None:
         """Start a new interval with the next step; until then reports still show the last one."""
@@ -251,6 +307,7 @@ class Registry:
 
     # -- checkpoints
     def state(self, site: Site) -> dict[str, Any]:
+        """One site's saved counters (call settle() first)."""
         return {"kind": site.kind, "units": site.units, "first_step": site.first_step, "last_ran": site.last_ran,
                 "observations": int(site.observations),
                 **{name: site.buffer(name).cpu().clone() for name in SAVED}}

@@ -51,6 +51,7 @@ def snapshot(registry: Registry, layout: Layout, steps: int, window: int) -> tup
     float64 buffer: one all_reduce (SUM) and one device->host copy. Also says whether every rank
     had the same sites.
     """
+    registry.settle()
     shapes, same = [(key, site.kind, site.units) for key, site in layout], True
     bounds = {key: site.bounds for key, site in layout}
     if distributed():

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from . import compiled
 from .activations import is_activation
 
 if TYPE_CHECKING:
@@ -67,20 +68,27 @@ class FunctionPatch:
         patch = self
 
         @functools.wraps(original)
-        @torch.compiler.disable
         def activation(*args: Any, **kwargs: Any) -> Any:
-            if patch.busy or not patch.captures:
+            if patch.busy or not patch.captures or compiled.internal():
                 return original(*args, **kwargs)
             patch.busy = True
             try:
                 out = original(*args, **kwargs)
             finally:
                 patch.busy = False
-            module = calling_module(sys._getframe(1))
-            if module is not None and not is_activation(module):  # F.relu inside nn.ReLU: the module's own site
-                for capture in patch.captures:
-                    if fn_name in capture.functions and id(module) in capture.paths:
-                        capture.on_function(fn_name, out, module, args, kwargs)
+            compiling = torch.compiler.is_dynamo_compiling()  # traced code cannot walk frames: see compiled.py
+            caller = None
+            if not compiling:
+                if any(c.stack and id(c.stack[-1]) in c.thresholds for c in patch.captures):
+                    return out  # F.relu inside nn.ReLU.forward: the module's own site, its hook counts it
+                caller = calling_module(sys._getframe(1))
+            for capture in patch.captures:
+                if fn_name not in capture.functions:
+                    continue
+                module = (capture.stack[-1] if capture.stack else None) if compiling else caller
+                # F.relu inside nn.ReLU: the module's own site
+                if module is not None and not is_activation(module) and id(module) in capture.paths:
+                    capture.on_function(fn_name, out, module, args, kwargs)
             return out
 
         activation.__deadwatch_original__ = original  # type: ignore[attr-defined]

@@ -3,7 +3,8 @@
 A *site* is one place where an activation runs in forward: an activation module call, or an
 activation function called by one of the model's modules. Its key is (module path, function or
 None, call number within the forward). Hooks only hand the output tensor to stats.record();
-nothing here reads tensor values.
+nothing here reads tensor values. Under torch.compile the same hooks are traced into the graph;
+compiled.py holds what differs there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .. import stats
 from ..config import Config
 from ..errors import DeadwatchError
 from .activations import NONNEGATIVE, fire_threshold, is_activation, module_threshold, output_bounds
-from . import producer
+from . import compiled, producer
 from .axis import unit_axis
 from .functions import PATCH
 
@@ -54,6 +55,9 @@ class Capture:
         self.depth = 0                     # > 0 while a forward of one of the model's modules runs
         self.active = True                 # False on the steps watch_every skips
         self.calls: dict[Any, int] = {}    # calls per module / (module, function) since the outermost call began
+        self.stack: list[nn.Module] = []   # the modules whose forward is running, innermost last
+        self.unseen: dict[SiteKey, bool] = {}  # sites a compiled graph met before any eager step found them
+        self.tries: dict[SiteKey, int] = {}    # eager steps run to find each of those
         self.sites: dict[SiteKey, stats.Site | None] = {}   # None: seen, but not watched (include/exclude, dtype)
         self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
         self.params: dict[int, str] = {}   # id(parameter) -> its name in the model
@@ -89,6 +93,8 @@ class Capture:
                 _WATCHED.add(module)
                 if act:
                     self.thresholds[id(module)] = module_threshold(module)
+                    if self.functions:  # F.relu inside nn.ReLU.forward belongs to the module's own site
+                        self.handles.append(module.register_forward_pre_hook(self._push))
                     self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
                 elif module is self.model or _may_call_activations(module):
                     # A forward starts when the loop calls any of these, not only the root: a Lightning
@@ -98,6 +104,7 @@ class Capture:
             if self.functions:
                 PATCH.attach(self)
                 self.swapped = PATCH.swap_stored(self.model)
+            compiled.EAGER.want(self, True)  # the first step finds the sites eagerly, compiled or not
         except BaseException:
             self.detach()
             raise
@@ -113,7 +120,9 @@ class Capture:
             handle.remove()
         self.handles.clear()
         PATCH.detach(self)
+        compiled.EAGER.want(self, False)
         self.depth = 0
+        self.stack.clear()
         self.mask = None
         self.fresh.clear()
 
@@ -123,23 +132,54 @@ class Capture:
         self.active = step % self.config.watch_every == 0
         if not self.mask_held:
             self.mask = None
+        compiled.EAGER.want(self, self._look_eagerly())
 
-    # -- hooks
-    @torch.compiler.disable
+    def _look_eagerly(self) -> bool:
+        """Whether the next step must run eagerly: a compiled graph met sites that no eager step has found
+        yet. Each gets compiled.ATTEMPTS eager steps; one still not found is not watched."""
+        wanted = False
+        for key in self.unseen:
+            if key in self.sites:
+                continue
+            tries = self.tries[key] = self.tries.get(key, 0) + 1
+            if tries <= compiled.ATTEMPTS:
+                wanted = True
+            else:
+                self.sites[key] = None
+                warnings.warn(f"deadwatch: site {str(key)!r} ran only in compiled graphs, never in the "
+                              f"{compiled.ATTEMPTS} eager steps run to find it: it is not watched",
+                              RuntimeWarning, stacklevel=4)
+        self.unseen.clear()
+        return wanted
+
+    # -- hooks (traced into the graph under torch.compile: see compiled.py)
     def _enter(self, module: nn.Module, args: Any) -> None:
-        if self.depth == 0 and not _in_backward():
+        if self.depth == 0 and (torch.compiler.is_dynamo_compiling() or not _in_backward()):
             self.calls.clear()
         self.depth += 1
+        self.stack.append(module)
 
-    @torch.compiler.disable
+    def _push(self, module: nn.Module, args: Any) -> None:
+        self.stack.append(module)
+
+    def _pop(self, module: nn.Module) -> None:
+        while self.stack and self.stack.pop() is not module:
+            pass  # a forward inside it raised: its entries are stale
+
     def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
         self.depth = max(self.depth - 1, 0)
-        if self.depth == 0 and not self.mask_held and not _in_backward():
+        self._pop(module)
+        if self.depth == 0 and not self.mask_held and (torch.compiler.is_dynamo_compiling() or not _in_backward()):
             self.mask = None  # a mask is for one forward
 
-    @torch.compiler.disable  # under torch.compile: a graph break, the hook runs eagerly on real tensors
     def _on_module(self, path: str, module: nn.Module, args: Any, out: Any) -> None:
-        if not self.active or _in_backward():  # recomputation of a checkpointed segment: already counted in forward
+        compiling = torch.compiler.is_dynamo_compiling()
+        if self.functions:
+            self._pop(module)
+        if not compiling and compiled.internal():
+            return
+        # recomputation of a checkpointed segment: already counted in forward
+        if not self.active or (not compiling and _in_backward()):
             return
         if self.depth == 0:  # called by the loop itself, outside any forward of the model: a forward of its own
             self.calls.clear()
@@ -152,6 +192,12 @@ class Capture:
             return
         site_key = SiteKey(path, None, call)
         site = self.sites.get(site_key, False)
+        if compiling:
+            if site is False:
+                self.unseen[site_key] = True  # found by an eager step
+            elif site is not None:
+                compiled.record(site, out, self.mask)
+            return
         if site is False:
             parent = self.model.get_submodule(path.rpartition(".")[0]) if path else None
             site = self._new_site(site_key, type(module).__name__, self.thresholds[key], out, parent, module,
@@ -161,7 +207,8 @@ class Capture:
 
     def on_function(self, fn_name: str, out: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """An activation function called by a method of `module`, one of this model's modules."""
-        if not self.active or _in_backward() or not isinstance(out, torch.Tensor):
+        compiling = torch.compiler.is_dynamo_compiling()
+        if not self.active or (not compiling and _in_backward()) or not isinstance(out, torch.Tensor):
             return
         if self.depth == 0:  # e.g. F.relu in a LightningModule's training_step: a forward of its own
             self.calls.clear()
@@ -172,6 +219,12 @@ class Capture:
             return
         site_key = SiteKey(self.paths[id(module)][0], fn_name, call)
         site = self.sites.get(site_key, False)
+        if compiling:
+            if site is False:
+                self.unseen[site_key] = True
+            elif site is not None:
+                compiled.record(site, out, self.mask)
+            return
         if site is False:
             beta = kwargs.get("beta", args[1] if fn_name == "softplus" and len(args) > 1 else 1.0)
             site = self._new_site(site_key, fn_name, fire_threshold(fn_name, beta), out, module,

@@ -1,0 +1,106 @@
+"""The compiled path: what the hooks do while torch.compile traces them.
+
+Under torch.compile (fullgraph=True included) the hooks in hooks.py and the function wrappers in
+functions.py are traced into the graph like any other op, so a watched model compiles with no graph
+break from deadwatch and a CUDA graph can span it. Traced code may mutate tensors and set Python
+attributes to constants; what it cannot do is read Python state that changes from step to step (a
+compiled graph would be guarded on it and recompiled every step) or inspect frames. So, side by side
+with the eager path:
+
+* sites are found in eager steps: the first step after watch() runs eagerly (a process-wide
+  torch.compiler stance, "force_eager", held for that one step), which finds every site, its unit axis
+  and its producer in the autograd graph exactly as without compile. A site first met inside a
+  compiled graph is noted (Capture.unseen) and found by another eager step; one that no eager step
+  finds after a few tries is left unwatched, with a warning;
+* record() folds an output into the step buffers with tensor ops only: max, and add, where the eager
+  path writes the first call of a step straight into the buffers (that needs Python's count of the
+  step's calls). The values counted go into a per-site tensor (Counters.step_obs) instead of a Python
+  int; the report path moves them to the host (Registry.settle). Each site's buffers are reached
+  through its Counters' flat tensors, so the graph's inputs do not alias each other;
+* an activation function's owner is the innermost module whose forward is running (Capture.stack),
+  not the nearest module frame on the stack, which traced code cannot see. They differ only for a
+  model that deadwatch does not watch, called inside a watched one: compiled, its functions count
+  for the watched module calling it.
+
+The verdict, the counters and the reports are the same as in eager mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import stats
+
+ATTEMPTS = 3  # eager steps that may look for a site met only in compiled graphs
+
+
+def record(site: stats.Site, out: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """stats.record() for traced code: the same figures, folded with max and add into the step buffers."""
+    x = raw = out.detach()
+    if x.ndim != site.ndim or x.shape[site.axis] != site.units:
+        return  # the eager path warns; the eager step that found the site ran this shape
+    c = site.counters
+    sl = site.slice
+    keep = None
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[d] for d in site.dims):
+        keep = mask.to(device=x.device, dtype=torch.bool).unsqueeze(site.axis)
+        x = x.masked_fill(keep.logical_not(), torch.finfo(x.dtype).min)
+    step_max = c.step_max[sl]
+    step_max.copy_(torch.maximum(step_max, torch.amax(x, site.dims).to(step_max.dtype)))
+    if site.subsample > 1:
+        batch = site.dims[0]
+        rows = -(-x.shape[batch] // site.subsample)
+        x, raw = x.narrow(batch, 0, rows), raw.narrow(batch, 0, rows)
+        keep = keep.narrow(batch, 0, rows) if keep is not None else None
+    if site.nonnegative and keep is None:
+        fired = torch.sign(x)
+    else:
+        fired = torch.sign(x - site.threshold if site.threshold else x).clamp(min=0)
+    if keep is not None:
+        magnitude = raw.masked_fill(keep.logical_not(), 0)
+        magnitude = magnitude if site.positive else magnitude.abs()
+    else:
+        magnitude = raw if site.positive else raw.abs()
+    sums = c.pairs["step_fired"]  # rows: step_fired, step_abs
+    sums[:, sl].add_(torch.stack([torch.sum(fired, site.dims, dtype=torch.float64),
+                                  torch.sum(magnitude, site.dims, dtype=torch.float64)]))
+    if site.bounds is not None:
+        centred = raw - site.middle
+        if keep is not None:
+            centred = centred.masked_fill(keep.logical_not(), 0)
+        near = centred.abs().sub(site.reach).sign().clamp(min=0)
+        c.step_near[sl].add_(torch.sum(near, site.dims, dtype=torch.float64))
+    counted = keep.sum(dtype=torch.float64) if keep is not None else x.numel() // site.units
+    c.step_obs[site.index].add_(counted)
+    site.ran = True
+    c.traced = True
+
+
+def internal() -> bool:
+    """Real Python run by a compiler on fake tensors (dynamo's shape propagation, AOT or export tracing):
+    not a forward, nothing to count. Traced code itself sees torch.compiler.is_dynamo_compiling()."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling()
+
+
+class EagerSteps:
+    """The steps that must run eagerly (a site to find), for every monitor of the process: the
+    torch.compiler stance is "force_eager" while some monitor asks for it, and is put back to what it
+    was when the last one lets go."""
+
+    def __init__(self) -> None:
+        self.holders: set[int] = set()
+        self.held: object | None = None  # torch.compiler.set_stance's object: restores the prior stance
+
+    def want(self, owner: object, eager: bool) -> None:
+        if eager:
+            self.holders.add(id(owner))
+        else:
+            self.holders.discard(id(owner))
+        if self.holders and self.held is None:
+            self.held = torch.compiler.set_stance("force_eager")
+        elif not self.holders and self.held is not None:
+            held, self.held = self.held, None
+            held.__exit__(None, None, None)  # type: ignore[attr-defined]
+
+
+EAGER = EagerSteps()
