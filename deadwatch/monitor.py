@@ -85,6 +85,7 @@ class Monitor:
             raise RuntimeError("deadwatch: step() called on a closed monitor")
         if self.steps == 0:  # asked at the first step: load_state_dict() comes after watch()
             self._first_step_warnings()
+        self._capture.flush()
         self._registry.fold(self.steps)
         self.steps += 1
         if self.optimizer is not None:

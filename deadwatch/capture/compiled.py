@@ -16,7 +16,9 @@ with the eager path:
   path writes the first call of a step straight into the buffers (that needs Python's count of the
   step's calls). The values counted go into a per-site tensor (Counters.step_obs) instead of a Python
   int; the report path moves them to the host (Registry.settle). Each site's buffers are reached
-  through its Counters' flat tensors, so the graph's inputs do not alias each other;
+  through its Counters' flat tensors, so the graph's inputs do not alias each other. It runs when the
+  module running the activation returns (Capture.deferred), so that inductor reads the stored output
+  rather than computing the activation again inside each reduction;
 * an activation function's owner is the innermost module whose forward is running (Capture.stack),
   not the nearest module frame on the stack, which traced code cannot see. They differ only for a
   model that deadwatch does not watch, called inside a watched one: compiled, its functions count
@@ -35,10 +37,17 @@ ATTEMPTS = 3  # eager steps that may look for a site met only in compiled graphs
 
 
 def record(site: stats.Site, out: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """stats.record() for traced code: the same figures, folded with max and add into the step buffers."""
+    """stats.record() for traced code: the same figures, folded with max and add into the step buffers.
+
+    Capture calls it when the module that ran the activation returns, not at the activation itself:
+    by then the layer reading the output has been traced too, which makes inductor store the output
+    in a buffer that these reductions read. Traced at the activation, they came before any reader, and
+    inductor fused them with the activation, computing it again inside each reduction (GELU's erf
+    three times over), which cost more than the counting did.
+    """
     x = raw = out.detach()
     if x.ndim != site.ndim or x.shape[site.axis] != site.units:
-        return  # the eager path warns; the eager step that found the site ran this shape
+        return
     c = site.counters
     sl = site.slice
     keep = None
@@ -61,15 +70,15 @@ def record(site: stats.Site, out: torch.Tensor, mask: torch.Tensor | None) -> No
         magnitude = magnitude if site.positive else magnitude.abs()
     else:
         magnitude = raw if site.positive else raw.abs()
-    sums = c.pairs["step_fired"]  # rows: step_fired, step_abs
-    sums[:, sl].add_(torch.stack([torch.sum(fired, site.dims, dtype=torch.float64),
-                                  torch.sum(magnitude, site.dims, dtype=torch.float64)]))
+    acc = torch.float64 if x.numel() // site.units >= stats.EXACT_FLOAT32 or x.dtype == torch.float64 else torch.float32
+    sums = c.pairs["step_fired"]
+    sums[:, sl].add_(torch.stack([torch.sum(fired, site.dims, dtype=acc), torch.sum(magnitude, site.dims, dtype=acc)]))
     if site.bounds is not None:
         centred = raw - site.middle
         if keep is not None:
             centred = centred.masked_fill(keep.logical_not(), 0)
         near = centred.abs().sub(site.reach).sign().clamp(min=0)
-        c.step_near[sl].add_(torch.sum(near, site.dims, dtype=torch.float64))
+        c.step_near[sl].add_(torch.sum(near, site.dims, dtype=acc))
     counted = keep.sum(dtype=torch.float64) if keep is not None else x.numel() // site.units
     c.step_obs[site.index].add_(counted)
     site.ran = True

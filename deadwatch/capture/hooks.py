@@ -56,6 +56,7 @@ class Capture:
         self.active = True                 # False on the steps watch_every skips
         self.calls: dict[Any, int] = {}    # calls per module / (module, function) since the outermost call began
         self.stack: list[nn.Module] = []   # the modules whose forward is running, innermost last
+        self.deferred: list[tuple[stats.Site, torch.Tensor, torch.Tensor | None]] = []  # compiled: to record
         self.unseen: dict[SiteKey, bool] = {}  # sites a compiled graph met before any eager step found them
         self.tries: dict[SiteKey, int] = {}    # eager steps run to find each of those
         self.sites: dict[SiteKey, stats.Site | None] = {}   # None: seen, but not watched (include/exclude, dtype)
@@ -123,6 +124,7 @@ class Capture:
         compiled.EAGER.want(self, False)
         self.depth = 0
         self.stack.clear()
+        self.deferred.clear()
         self.mask = None
         self.fresh.clear()
 
@@ -166,7 +168,16 @@ class Capture:
         while self.stack and self.stack.pop() is not module:
             pass  # a forward inside it raised: its entries are stale
 
+    def flush(self) -> None:
+        """Record the outputs a compiled graph met (Capture.deferred): when the module that ran them returns
+        (see compiled.record) and, for any left, before the step is folded."""
+        for site, output, mask in self.deferred:
+            compiled.record(site, output, mask)
+        self.deferred.clear()
+
     def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self.deferred:
+            self.flush()
         self.depth = max(self.depth - 1, 0)
         self._pop(module)
         if self.depth == 0 and not self.mask_held and (torch.compiler.is_dynamo_compiling() or not _in_backward()):
@@ -195,8 +206,8 @@ class Capture:
         if compiling:
             if site is False:
                 self.unseen[site_key] = True  # found by an eager step
-            elif site is not None:
-                compiled.record(site, out, self.mask)
+            elif site is not None:  # recorded when the module running it returns: see compiled.py
+                self.deferred.append((site, out, self.mask))
             return
         if site is False:
             parent = self.model.get_submodule(path.rpartition(".")[0]) if path else None
@@ -222,8 +233,8 @@ class Capture:
         if compiling:
             if site is False:
                 self.unseen[site_key] = True
-            elif site is not None:
-                compiled.record(site, out, self.mask)
+            elif site is not None:  # recorded when the module running it returns: see compiled.py
+                self.deferred.append((site, out, self.mask))
             return
         if site is False:
             beta = kwargs.get("beta", args[1] if fn_name == "softplus" and len(args) > 1 else 1.0)
