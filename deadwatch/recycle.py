@@ -127,12 +127,17 @@ class Skip(Exception):
 
 def plan(capture: Capture, key: Any, units: int, occurrences: dict[int, int]) -> Plan:
     """The layers a site's units touch, or Skip saying why they cannot be told apart."""
-    model = capture.model
-    tr = capture.layers.get(key)
+    found = _plan(capture, key, units, occurrences)  # first: a sharded layer says so, whatever its graph showed
     fed = capture.fed.get(key)
     if fed is not None:
         raise Skip(f"its output also reaches site {str(fed)!r} without a layer in between (a residual add or a "
                    f"product), so zeroing one layer's columns would not keep the network's function")
+    return found
+
+
+def _plan(capture: Capture, key: Any, units: int, occurrences: dict[int, int]) -> Plan:
+    model = capture.model
+    tr = capture.layers.get(key)
     act_path = key.path if key.function is None else None
     holder = _parent(key.path) if key.function is None else key.path   # the module whose forward runs it
     seq = key.function is None and key.path != "" and isinstance(model.get_submodule(holder), nn.Sequential)

@@ -395,13 +395,77 @@ def scenario_resume(rank: int, world: int, outdir: str) -> dict[str, Any]:
     return {"straight": straight.to_dict(), "resumed": resumed.to_dict()}
 
 
+def scenario_recycle(rank: int, world: int, outdir: str) -> dict[str, Any]:
+    """Monitor.recycle() on every rank of a DDP job with Adam: units 1 and 5 of the first ReLU are dead
+    (planted), unit 6 fires on the last rank's data only (alive in the merged report). Every rank must
+    recycle the same units, draw the same rows, and stay a replica of the others through the next steps.
+    Then the same call under FSDP2, whose sharded rows cannot be reset: skipped on every rank alike."""
+    import warnings
+
+    import deadwatch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def make() -> nn.Sequential:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+        with torch.no_grad():
+            net[0].weight[6].zero_()
+            net[0].weight[6, 0] = 1.0
+            net[0].bias[6] = -0.5   # fires only where x[:, 0] = 1: the last rank's data
+            net[0].bias[[1, 5]] = -1e4
+        return net
+
+    def data(step: int) -> torch.Tensor:
+        return rank_data(rank, world, step, seed=5)
+
+    net = make()
+    model = DDP(net)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW, optimizer=opt) as monitor:
+        for step in range(STEPS):
+            opt.zero_grad()
+            model(data(step)).square().mean().backward()
+            opt.step()
+            monitor.step()
+        before = {name: p.detach().flatten().tolist() for name, p in net.named_parameters()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recycled = monitor.recycle()
+        after = {name: p.detach().flatten().tolist() for name, p in net.named_parameters()}
+        moments = {name: opt.state[p]["exp_avg"].flatten().tolist() for name, p in net.named_parameters()}
+        for step in range(STEPS, STEPS + 2):  # DDP goes on: the replicas must stay equal
+            opt.zero_grad()
+            model(data(step)).square().mean().backward()
+            opt.step()
+            monitor.step()
+        later = {name: p.detach().flatten().tolist() for name, p in net.named_parameters()}
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = make()
+    fully_shard(sharded[0], mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)))
+    opt2 = torch.optim.SGD(sharded.parameters(), lr=1e-3)
+    with deadwatch.watch(sharded, reporters=[], report_every=1000, window=WINDOW, optimizer=opt2) as monitor:
+        for step in range(STEPS):
+            sharded(data(step)).sum().backward()
+            monitor.step()
+        with warnings.catch_warnings(record=True) as fsdp_caught:
+            warnings.simplefilter("always")
+            fsdp_recycled = monitor.recycle()
+    return {"recycled": recycled, "warnings": [str(w.message) for w in caught], "before": before, "after": after,
+            "moments": moments, "later": later, "fsdp_recycled": fsdp_recycled,
+            "fsdp_warnings": [str(w.message) for w in fsdp_caught]}
+
+
 def _hooks_left(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "branch": scenario_branch,
              "reused": scenario_reused, "conflict": scenario_conflict, "superset": scenario_superset,
-             "resume": scenario_resume}
+             "resume": scenario_resume, "recycle": scenario_recycle}
 
 
 def worker(rank: int, world: int, store: str, outdir: str, scenarios: list[str]) -> None:

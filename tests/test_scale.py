@@ -24,7 +24,7 @@ import dist_workers  # noqa: E402
 from dist_workers import STEPS, WINDOW, batch_size  # noqa: E402
 from reference import RefSite  # noqa: E402
 
-SCENARIOS = ["ddp", "fsdp2", "branch", "reused", "conflict", "resume", "superset"]  # superset last: it may wedge
+SCENARIOS = ["ddp", "fsdp2", "branch", "reused", "conflict", "resume", "recycle", "superset"]  # superset last: it may wedge
 JOIN_DEADLINE_S = 90  # a hung collective fails after dist_workers.PG_TIMEOUT_S; this is the backstop
 
 
@@ -322,3 +322,25 @@ def test_resume_from_rank_0s_state_equals_the_unbroken_run(run):
         assert result["resumed"] == result["straight"], f"rank {rank}"
         act = next(layer for layer in result["resumed"]["layers"] if layer["name"] == "act")
         assert 2 not in act["dead_units"] and {1, 4} <= set(act["dead_units"])
+
+
+def test_recycle_under_ddp_is_the_same_on_every_rank(run):
+    """Monitor.recycle() under DDP: the units dead on every rank are recycled (unit 6, alive on the last
+    rank only, is not), every rank draws the same rows and resets the same Adam moments, and the replicas
+    stay equal while training goes on. Under FSDP2 the sharded layers are skipped, on every rank alike."""
+    results = results_of(run, "recycle")
+    first = results[0]
+    units = first["recycled"]["module.1"]
+    assert {1, 5} <= set(units) and 6 not in units, first["recycled"]
+    for rank, result in enumerate(results):
+        assert result["recycled"] == first["recycled"], f"rank {rank}"
+        assert result["after"] == first["after"], f"rank {rank}: the recycled weights differ"
+        assert result["moments"] == first["moments"], f"rank {rank}: the optimizer state differs"
+        assert result["later"] == first["later"], f"rank {rank}: the replicas drifted apart"
+        assert result["fsdp_recycled"] == {}, f"rank {rank}"
+        assert any("sharded" in w for w in result["fsdp_warnings"]), (rank, result["fsdp_warnings"])
+    fc1_bias = first["after"]["0.bias"]
+    assert fc1_bias[1] > -1e3 and fc1_bias[5] > -1e3, "the dead units' biases were not drawn afresh"
+    assert all(first["moments"]["0.weight"][8 * 0 + 3 * u + i] == 0 for u in (1, 5) for i in range(3))
+    kept = [u for u in range(8) if u not in units]
+    assert [fc1_bias[u] for u in kept] == [first["before"]["0.bias"][u] for u in kept], "other rows changed"
