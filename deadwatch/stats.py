@@ -19,8 +19,8 @@ import torch
 
 EXACT_FLOAT32 = 1 << 24  # a float32 sum of 0/1 values is exact below this many values
 # A reduction over (N, H, W) of an (N, C, H, W) output is up to ten times slower on CPU than two, over N
-# and then over (H, W), when H*W is small (an (N, 512, 7, 7) ResNet stage, 1x1 to 4x4 MobileNet maps):
-# at most this many values per unit and row, the dims before the unit axis are reduced first.
+# and then over (H, W), when H*W is small (an (N, 512, 7, 7) ResNet stage, 2x2 to 4x4 MobileNet maps):
+# below this many values per unit and row (and above 1), the dims before the unit axis are reduced first.
 SPLIT_BELOW = 64
 SMALL = 4096  # counted values of a call below which a float64 sum costs no more than a float32 one
 
@@ -132,7 +132,7 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
     # the same step (a reused module, gradient accumulation) fold into them.
     first = site.seen != site.counters.fold_count and not site.ran and x.dtype == site.step_max.dtype
     site.seen = site.counters.fold_count
-    split = site.trail and site.lead and 1 < math.prod(x.shape[site.axis + 1:]) <= SPLIT_BELOW
+    split = site.trail and site.lead and 1 < math.prod(x.shape[site.axis + 1:]) < SPLIT_BELOW
     if first and split:
         torch.amax(torch.amax(x, site.lead), site.trail, out=site.step_max)
     elif first:

@@ -175,10 +175,10 @@ def _layers(out: torch.Tensor, model: torch.nn.Module, params: dict[int, str], o
     return Layers(None, norm, None, "two norms between the layer and the activation")
 
 
-def _only_layer(fn: Any, params: dict[int, str], outputs: dict[Any, Hashable]) -> Any:
-    """An activation made of several ops (transformers' NewGELUActivation: 0.5 * x * (1 + tanh(...))): the
-    one layer node that every path back from its output reaches, or None."""
-    frontier, seen, layers = [fn], set(), set()
+def _stops(fn: Any, params: dict[int, str], outputs: dict[Any, Hashable]) -> Iterator[Any]:
+    """Breadth first back from `fn`, through neither layers (nodes reading parameters) nor other sites'
+    outputs: yields each of those where the walk stops, then None if it ran out of depth first."""
+    frontier, seen = [fn], set()
     for _ in range(3 * DEPTH):
         nxt = []
         for node in frontier:
@@ -186,14 +186,26 @@ def _only_layer(fn: Any, params: dict[int, str], outputs: dict[Any, Hashable]) -
                 continue
             seen.add(node)
             if node is not fn and node in outputs:
-                return None
+                yield node
+                continue
             nodes, found = _grad_inputs(node, params)
             if found:
-                layers.add(node)
+                yield node
             else:
                 nxt.extend(nodes)
         frontier = nxt
-    return layers.pop() if len(layers) == 1 and not frontier else None
+        if not frontier:
+            return
+    yield None
+
+
+def _only_layer(fn: Any, params: dict[int, str], outputs: dict[Any, Hashable]) -> Any:
+    """An activation made of several ops (transformers' NewGELUActivation: 0.5 * x * (1 + tanh(...))): the
+    one layer node that every path back from its output reaches, or None."""
+    stops = set(_stops(fn, params, outputs))
+    if None in stops or any(node in outputs for node in stops) or len(stops) != 1:
+        return None
+    return stops.pop()
 
 
 def reaching_sites(out: torch.Tensor, params: dict[int, str], outputs: dict[Any, Hashable]) -> list[Hashable]:
@@ -201,18 +213,4 @@ def reaching_sites(out: torch.Tensor, params: dict[int, str], outputs: dict[Any,
     also feed an add or a product, which zeroing one layer's columns does not cover."""
     if out.grad_fn is None:
         return []
-    found, frontier, seen = [], [out.grad_fn], set()
-    for _ in range(3 * DEPTH):
-        nxt = []
-        for fn in frontier:
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            if fn is not out.grad_fn and fn in outputs:
-                found.append(outputs[fn])
-                continue
-            nodes, params_found = _grad_inputs(fn, params)
-            if not params_found:  # a layer: what feeds it is read through its weights
-                nxt.extend(nodes)
-        frontier = nxt
-    return found
+    return [outputs[node] for node in _stops(out.grad_fn, params, outputs) if node is not None and node in outputs]
