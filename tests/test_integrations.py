@@ -273,7 +273,7 @@ BERT_PLANTED = {0: [0, 36], 1: [17]}
 BERT_SITES = [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)]
 
 
-def hf_parts(tmp_path, callbacks, reporters=("jsonl",), real=None):
+def hf_parts(tmp_path, callbacks, reporters=("jsonl",), real=None, **overrides):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from deadwatch.integrations.transformers import DeadwatchCallback
@@ -296,7 +296,7 @@ def hf_parts(tmp_path, callbacks, reporters=("jsonl",), real=None):
         gradient_accumulation_steps=2, learning_rate=1e-3, report_to="none", save_strategy="no",
         logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
     callback = DeadwatchCallback(reporters=list(reporters), window=3,
-                                 report_every=REPORT_EVERY, count_subsample=1, exclude=[r"\.pooler\."])
+                                 report_every=REPORT_EVERY, count_subsample=1, exclude=[r"\.pooler\."], **overrides)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, *callbacks])
     return model, trainer, callback
 
@@ -373,3 +373,49 @@ def test_hf_trainer_failed_train_then_retry(tmp_path):
     failing.remove()
     callback.close(error=failure.value)  # what the README tells users to do
     assert_no_hooks(model)
+
+
+# ---- the optimizer reaches the monitor: causes' evidence and automatic recycling ------------------
+
+RECYCLE_ALL = {"every": 1, "units": "dead", "max_fraction": 1.0}
+
+
+class PlantedSequential(LightningModule):
+    """An nn.Sequential MLP (recycling reads its layers from the Sequential) with units 1 and 4 of its first
+    ReLU dead."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(SIZES[0], 8), nn.ReLU(), nn.Linear(8, 5))
+        with torch.no_grad():
+            self.net[0].bias[[1, 4]] = -1e4
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_lightning_callback_passes_the_optimizer_and_recycles(tmp_path, LightningCallback):
+    torch.manual_seed(0)
+    model = PlantedSequential()
+    callback = LightningCallback(logdir=str(tmp_path / "dw"), reporters=["jsonl"], window=3,
+                                 report_every=REPORT_EVERY, count_subsample=1, recycle=RECYCLE_ALL)
+    trainer = lightning_trainer(tmp_path, [callback])
+    trainer.fit(model, planted_data())
+    assert callback.monitor.optimizer is trainer.optimizers[0]
+    recycled = runlog.read(str(tmp_path / "dw")).recycles
+    assert recycled, "automatic recycling never ran"
+    assert recycled[0][1]["units"] == {"net.1": [1, 4]}
+
+
+def test_hf_callback_passes_the_optimizer(tmp_path):
+    """The Trainer's optimizer reaches the monitor, so the automatic recycling can be turned on. (BERT's
+    intermediate activations are read by a layer of another module, BertOutput: recycling skips them,
+    with its warning.)"""
+    model, trainer, callback = hf_parts(tmp_path, [], recycle=RECYCLE_ALL)
+    with pytest.warns(RuntimeWarning, match="recycle: site .*skipped"):
+        trainer.train()
+    assert callback.monitor.optimizer is trainer.optimizer

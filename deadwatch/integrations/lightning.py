@@ -54,7 +54,9 @@ class DeadwatchCallback(Callback):
         logdir = self._logdir
         if logdir is None:
             logdir = os.path.join(trainer.log_dir, "deadwatch")  # log_dir is a broadcast: every rank asks
-        self.monitor = watch(pl_module, self._config, logdir)
+        # The optimizer: evidence for the causes (its learning rates), and what automatic recycling resets.
+        optimizers = list(getattr(trainer, "optimizers", None) or [])
+        self.monitor = watch(pl_module, self._config, logdir, optimizer=optimizers[0] if len(optimizers) == 1 else None)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -55,7 +55,11 @@ class DeadwatchCallback(TrainerCallback):
         logdir = self._logdir
         if logdir is None:
             logdir = os.path.join(getattr(args, "logging_dir", None) or args.output_dir, "deadwatch")
-        self.monitor = watch(model, self._config, logdir)
+        # The optimizer (the Trainer hands it to every callback): evidence for the causes (its learning
+        # rates), and what automatic recycling resets.
+        optimizer = kwargs.get("optimizer")
+        self.monitor = watch(model, self._config, logdir,
+                             optimizer=optimizer if hasattr(optimizer, "param_groups") else None)
         # Padding is not data: the batch's attention_mask says which positions count.
         self._mask_hook = model.register_forward_pre_hook(self._take_mask, with_kwargs=True)
 
