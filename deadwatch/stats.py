@@ -20,7 +20,8 @@ import torch
 EXACT_FLOAT32 = 1 << 24  # a float32 sum of 0/1 values is exact below this many values
 # A reduction over (N, H, W) of an (N, C, H, W) output is up to ten times slower on CPU than two, over N
 # and then over (H, W), when H*W is small (an (N, 512, 7, 7) ResNet stage, 2x2 to 4x4 MobileNet maps):
-# below this many values per unit and row (and above 1), the dims before the unit axis are reduced first.
+# below this many values per unit and row (and above 1), the dims before the unit axis are reduced first;
+# above, the max reduces the dims after it first, which is 10-30% faster than one reduction over all.
 SPLIT_BELOW = 64
 SMALL = 4096  # counted values of a call below which a float64 sum costs no more than a float32 one
 
@@ -82,6 +83,7 @@ class Site:
         self.dims: tuple[int, ...] = ()
         self.lead: tuple[int, ...] = ()   # dims before the unit axis
         self.trail: tuple[int, ...] = ()  # dims after it, numbered as once the lead dims are reduced
+        self.after: tuple[int, ...] = ()  # dims after it, numbered as in the output
         self.observations: int | torch.Tensor = 0       # values per unit in the interval (completed steps)
         self.step_observations: int | torch.Tensor = 0  # ... in the step now running (a tensor when masked)
         self.offset = 0               # first unit in its Counters' flat buffers
@@ -132,14 +134,18 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
     # the same step (a reused module, gradient accumulation) fold into them.
     first = site.seen != site.counters.fold_count and not site.ran and x.dtype == site.step_max.dtype
     site.seen = site.counters.fold_count
-    split = site.trail and site.lead and 1 < math.prod(x.shape[site.axis + 1:]) < SPLIT_BELOW
-    if first and split:
-        torch.amax(torch.amax(x, site.lead), site.trail, out=site.step_max)
-    elif first:
-        torch.amax(x, site.dims, out=site.step_max)
+    inner = math.prod(x.shape[site.axis + 1:]) if site.trail and site.lead else 1
+    split = 1 < inner < SPLIT_BELOW  # small maps: the lead dims first, for the sums too
+    if inner == 1:
+        partial, dims = x, site.dims
+    elif split:
+        partial, dims = torch.amax(x, site.lead), site.trail
+    else:  # large maps: the dims after the unit axis first
+        partial, dims = torch.amax(x, site.after), site.lead
+    if first:
+        torch.amax(partial, dims, out=site.step_max)
     else:
-        most = torch.amax(torch.amax(x, site.lead), site.trail) if split else torch.amax(x, site.dims)
-        torch.maximum(site.step_max, most, out=site.step_max)
+        torch.maximum(site.step_max, torch.amax(partial, dims), out=site.step_max)
     if site.subsample > 1:
         batch = site.dims[0]
         rows = -(-x.shape[batch] // site.subsample)
@@ -268,6 +274,7 @@ class Registry:
         site.dims = tuple(d for d in range(out.ndim) if d != axis)
         site.lead = tuple(range(axis))
         site.trail = tuple(range(1, out.ndim - axis))
+        site.after = tuple(range(axis + 1, out.ndim))
         key = (out.device, out.dtype)
         counters = self.by_device.get(key)
         if counters is None:
