@@ -22,7 +22,9 @@ with the eager path:
 * an activation function's owner is the innermost module whose forward is running (Capture.stack),
   not the nearest module frame on the stack, which traced code cannot see. They differ only for a
   model that deadwatch does not watch, called inside a watched one: compiled, its functions count
-  for the watched module calling it.
+  for the watched module calling it. A call waits for the next hook (Capture.waiting): F.relu inside
+  nn.ReLU.forward is followed by the module's own hook returning the same tensor, which drops it, so
+  the eager path's rule (the module's site counts it, once) holds without a hook before each module.
 
 The verdict, the counters and the reports are the same as in eager mode.
 """

@@ -76,19 +76,16 @@ class FunctionPatch:
                 out = original(*args, **kwargs)
             finally:
                 patch.busy = False
-            compiling = torch.compiler.is_dynamo_compiling()  # traced code cannot walk frames: see compiled.py
-            caller = None
-            if not compiling:
-                if any(c.stack and id(c.stack[-1]) in c.thresholds for c in patch.captures):
-                    return out  # F.relu inside nn.ReLU.forward: the module's own site, its hook counts it
-                caller = calling_module(sys._getframe(1))
-            for capture in patch.captures:
-                if fn_name not in capture.functions:
-                    continue
-                module = (capture.stack[-1] if capture.stack else None) if compiling else caller
-                # F.relu inside nn.ReLU: the module's own site
-                if module is not None and not is_activation(module) and id(module) in capture.paths:
-                    capture.on_function(fn_name, out, module, args, kwargs)
+            if torch.compiler.is_dynamo_compiling():  # traced code cannot walk frames: see compiled.py
+                for capture in patch.captures:
+                    if fn_name in capture.functions and capture.stack:
+                        capture.waiting(fn_name, out, capture.stack[-1], args, kwargs)
+                return out
+            module = calling_module(sys._getframe(1))
+            if module is not None and not is_activation(module):  # F.relu inside nn.ReLU: the module's own site
+                for capture in patch.captures:
+                    if fn_name in capture.functions and id(module) in capture.paths:
+                        capture.on_function(fn_name, out, module, args, kwargs)
             return out
 
         activation.__deadwatch_original__ = original  # type: ignore[attr-defined]

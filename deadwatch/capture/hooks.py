@@ -57,6 +57,7 @@ class Capture:
         self.calls: dict[Any, int] = {}    # calls per module / (module, function) since the outermost call began
         self.stack: list[nn.Module] = []   # the modules whose forward is running, innermost last
         self.deferred: list[tuple[stats.Site, torch.Tensor, torch.Tensor | None]] = []  # compiled: to record
+        self.held: list[tuple] = []        # compiled: function calls waiting for the next hook (waiting())
         self.unseen: dict[SiteKey, bool] = {}  # sites a compiled graph met before any eager step found them
         self.tries: dict[SiteKey, int] = {}    # eager steps run to find each of those
         self.sites: dict[SiteKey, stats.Site | None] = {}   # None: seen, but not watched (include/exclude, dtype)
@@ -94,8 +95,6 @@ class Capture:
                 _WATCHED.add(module)
                 if act:
                     self.thresholds[id(module)] = module_threshold(module)
-                    if self.functions:  # F.relu inside nn.ReLU.forward belongs to the module's own site
-                        self.handles.append(module.register_forward_pre_hook(self._push))
                     self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
                 elif module is self.model or _may_call_activations(module):
                     # A forward starts when the loop calls any of these, not only the root: a Lightning
@@ -125,6 +124,7 @@ class Capture:
         self.depth = 0
         self.stack.clear()
         self.deferred.clear()
+        self.held.clear()
         self.mask = None
         self.fresh.clear()
 
@@ -156,12 +156,11 @@ class Capture:
 
     # -- hooks (traced into the graph under torch.compile: see compiled.py)
     def _enter(self, module: nn.Module, args: Any) -> None:
+        if self.held:
+            self.resolve()
         if self.depth == 0 and (torch.compiler.is_dynamo_compiling() or not _in_backward()):
             self.calls.clear()
         self.depth += 1
-        self.stack.append(module)
-
-    def _push(self, module: nn.Module, args: Any) -> None:
         self.stack.append(module)
 
     def _pop(self, module: nn.Module) -> None:
@@ -171,12 +170,28 @@ class Capture:
     def flush(self) -> None:
         """Record the outputs a compiled graph met (Capture.deferred): when the module that ran them returns
         (see compiled.record) and, for any left, before the step is folded."""
+        self.resolve()
         for site, output, mask in self.deferred:
             compiled.record(site, output, mask)
         self.deferred.clear()
 
+    def waiting(self, fn_name: str, out: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Compiled: an activation function called while `module`'s forward runs. It may be the inside of an
+        activation module (nn.ReLU.forward calls F.relu), which only the module's hook, next, can tell: so
+        it waits for the next hook, which drops it if it returns the same tensor (see compiled.py)."""
+        self.resolve()
+        self.held.append((fn_name, out, module, args, kwargs))
+
+    def resolve(self, returned: Any = None) -> None:
+        """Count the function calls waiting (Capture.waiting), except one whose output an activation module
+        returned: that module's site counts it."""
+        for fn_name, out, module, args, kwargs in self.held:
+            if out is not returned:
+                self.on_function(fn_name, out, module, args, kwargs)
+        self.held.clear()
+
     def _leave(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self.deferred:
+        if self.deferred or self.held:
             self.flush()
         self.depth = max(self.depth - 1, 0)
         self._pop(module)
@@ -185,8 +200,8 @@ class Capture:
 
     def _on_module(self, path: str, module: nn.Module, args: Any, out: Any) -> None:
         compiling = torch.compiler.is_dynamo_compiling()
-        if self.functions:
-            self._pop(module)
+        if self.held:
+            self.resolve(returned=out)
         if not compiling and compiled.internal():
             return
         # recomputation of a checkpointed segment: already counted in forward

@@ -1,0 +1,30 @@
+"""The benchmark scripts still run: the CUDA-graphs check on CPU (its smoke mode, as no GPU is here) and a
+few steps of the overhead script. These check the scripts, not the figures: timings are never tested."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cuda_graphs_script_smoke_on_cpu():
+    """Compiled (fullgraph, mode="reduce-overhead") and eager watched runs agree on the planted dead units."""
+    done = run("benchmarks/cuda_graphs.py", "--device", "cpu", "--steps", "12")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 graph breaks" in done.stdout and done.stdout.rstrip().endswith("OK"), done.stdout
+
+
+def test_overhead_script_runs():
+    done = run("benchmarks/overhead.py", "--models", "small", "--steps", "4", "--warmup", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "small" in done.stdout and "worst watched/plain" in done.stdout, done.stdout
