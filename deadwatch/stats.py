@@ -122,14 +122,11 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
     `mask` (True/1 = a real position, shaped like the output without its unit axis) leaves the
     other positions (padding) out of everything; it is ignored where the shapes differ.
     """
-    x = raw = out.detach()
-    if x.ndim != site.ndim or x.shape[site.axis] != site.units:
-        site.warn_once(f"output shape {tuple(x.shape)} does not have its {site.units} units on dim {site.axis}; call skipped")
+    if out.ndim != site.ndim or out.shape[site.axis] != site.units:
+        site.warn_once(f"output shape {tuple(out.shape)} does not have its {site.units} units on dim {site.axis}; call skipped")
         return
-    keep = None
-    if mask is not None and tuple(mask.shape) == tuple(x.shape[d] for d in site.dims):
-        keep = mask.to(device=x.device, dtype=torch.bool).unsqueeze(site.axis)
-        x = x.masked_fill(keep.logical_not(), torch.finfo(x.dtype).min)  # padding never fires nor sets the max
+    v = values(site, out, mask)
+    x = v.full
     # The first call of a step writes its reductions straight into the site's buffers (fewer ops:
     # each small op costs microseconds, most of all right after a large matmul); later calls in
     # the same step (a reused module, gradient accumulation) fold into them.
@@ -147,36 +144,66 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
         torch.amax(partial, dims, out=site.step_max)
     else:
         torch.maximum(site.step_max, torch.amax(partial, dims), out=site.step_max)
+    # Sums in float32 (a float64 reduction of float32 values is several times slower on CPU), exact for
+    # counts below 2**24 values per unit; beyond that, and for float64 outputs, in float64. Small ones
+    # in float64 too, straight into the buffers: one op fewer, which is what counts there.
+    small = v.fired.numel() <= SMALL
+    acc = torch.float64 if small or wide(v) else torch.float32
+    _fold_sum(site.step_fired, v.fired, site, split, acc, first)
+    _fold_sum(site.step_abs, v.magnitude, site, split, acc, first)
+    if v.near is not None:
+        _fold_sum(site.step_near, v.near, site, split, acc, first)
+    site.step_observations = site.step_observations + v.counted
+
+
+class Values(NamedTuple):
+    """An output as record() counts it (values() makes it)."""
+
+    full: torch.Tensor              # every value (padding at the dtype's lowest): for the max
+    fired: torch.Tensor             # counted rows: 1 where a value is > the threshold, else 0
+    magnitude: torch.Tensor         # counted rows: |value| (0 at padding)
+    near: torch.Tensor | None       # counted rows of a bounded site: 1 near a bound, else 0
+    per_unit: int                   # counted values per unit, padding included
+    counted: int | torch.Tensor     # counted values per unit, padding left out (a tensor when masked)
+
+
+def values(site: Site, out: torch.Tensor, mask: torch.Tensor | None) -> Values:
+    """The elementwise part of counting one output, the same for the eager and the compiled path
+    (capture/compiled.py); each path reduces it its own way. The fired counts, |output| sums and
+    near-a-bound counts use the first 1/count_subsample of the batch; `mask` (True/1 = a real
+    position, shaped like the output without its unit axis) leaves padding out of everything."""
+    x = raw = out.detach()
+    keep = None
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[d] for d in site.dims):
+        keep = mask.to(device=x.device, dtype=torch.bool).unsqueeze(site.axis)
+        x = x.masked_fill(keep.logical_not(), torch.finfo(x.dtype).min)  # padding never fires nor sets the max
+    full = x
     if site.subsample > 1:
         batch = site.dims[0]
         rows = -(-x.shape[batch] // site.subsample)
         x, raw = x.narrow(batch, 0, rows), raw.narrow(batch, 0, rows)
         keep = keep.narrow(batch, 0, rows) if keep is not None else None
-    n = x.numel() // site.units
     if site.nonnegative and keep is None:  # ReLU-like: output >= 0, so sign(output) is 1 exactly where it fired
         fired = torch.sign(x)
     else:
         fired = torch.sign(x - site.threshold if site.threshold else x).clamp_(min=0)
-    # Sums in float32 (a float64 reduction of float32 values is several times slower on CPU), exact for
-    # counts below 2**24 values per unit; beyond that, and for float64 outputs, in float64. Small ones
-    # in float64 too, straight into the buffers: one op fewer, which is what counts there.
-    small = x.numel() <= SMALL
-    acc = torch.float64 if small or n >= EXACT_FLOAT32 or x.dtype == torch.float64 else torch.float32
-    _fold_sum(site.step_fired, fired, site, split, acc, first)
     # Dormant: the sum of |output| per unit (an output that is never negative is its own magnitude); padding adds 0.
-    if keep is not None:
-        magnitude = raw.masked_fill(keep.logical_not(), 0)
-        magnitude = magnitude if site.positive else magnitude.abs_()
-    else:
-        magnitude = raw if site.positive else raw.abs()
-    _fold_sum(site.step_abs, magnitude, site, split, acc, first)
+    magnitude = raw.masked_fill(keep.logical_not(), 0) if keep is not None else raw
+    if not site.positive:
+        magnitude = magnitude.abs_() if keep is not None else magnitude.abs()
+    near = None
     if site.bounds is not None:  # bounded activations only: values within eps*(upper-lower) of a bound
         centred = raw - site.middle
         if keep is not None:
             centred.masked_fill_(keep.logical_not(), 0)  # the middle: never near a bound
         near = centred.abs_().sub_(site.reach).sign_().clamp_(min=0)
-        _fold_sum(site.step_near, near, site, split, acc, first)
-    site.step_observations = site.step_observations + (keep.sum() if keep is not None else n)
+    per_unit = x.numel() // site.units
+    return Values(full, fired, magnitude, near, per_unit, keep.sum() if keep is not None else per_unit)
+
+
+def wide(v: Values) -> bool:
+    """Sum these values in float64: more than float32 counts exactly, or float64 outputs."""
+    return v.per_unit >= EXACT_FLOAT32 or v.fired.dtype == torch.float64
 
 
 def _fold_sum(buffer: torch.Tensor, values: torch.Tensor, site: Site, split: bool, acc: torch.dtype,

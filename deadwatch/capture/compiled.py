@@ -47,42 +47,19 @@ def record(site: stats.Site, out: torch.Tensor, mask: torch.Tensor | None) -> No
     inductor fused them with the activation, computing it again inside each reduction (GELU's erf
     three times over), which cost more than the counting did.
     """
-    x = raw = out.detach()
-    if x.ndim != site.ndim or x.shape[site.axis] != site.units:
-        return
+    if out.ndim != site.ndim or out.shape[site.axis] != site.units:
+        return  # the eager path warns; the eager step that found the site ran this shape
     c = site.counters
     sl = site.slice
-    keep = None
-    if mask is not None and tuple(mask.shape) == tuple(x.shape[d] for d in site.dims):
-        keep = mask.to(device=x.device, dtype=torch.bool).unsqueeze(site.axis)
-        x = x.masked_fill(keep.logical_not(), torch.finfo(x.dtype).min)
+    v = stats.values(site, out, mask)
     step_max = c.step_max[sl]
-    step_max.copy_(torch.maximum(step_max, torch.amax(x, site.dims).to(step_max.dtype)))
-    if site.subsample > 1:
-        batch = site.dims[0]
-        rows = -(-x.shape[batch] // site.subsample)
-        x, raw = x.narrow(batch, 0, rows), raw.narrow(batch, 0, rows)
-        keep = keep.narrow(batch, 0, rows) if keep is not None else None
-    if site.nonnegative and keep is None:
-        fired = torch.sign(x)
-    else:
-        fired = torch.sign(x - site.threshold if site.threshold else x).clamp(min=0)
-    if keep is not None:
-        magnitude = raw.masked_fill(keep.logical_not(), 0)
-        magnitude = magnitude if site.positive else magnitude.abs()
-    else:
-        magnitude = raw if site.positive else raw.abs()
-    acc = torch.float64 if x.numel() // site.units >= stats.EXACT_FLOAT32 or x.dtype == torch.float64 else torch.float32
-    sums = c.pairs["step_fired"]
-    sums[:, sl].add_(torch.stack([torch.sum(fired, site.dims, dtype=acc), torch.sum(magnitude, site.dims, dtype=acc)]))
-    if site.bounds is not None:
-        centred = raw - site.middle
-        if keep is not None:
-            centred = centred.masked_fill(keep.logical_not(), 0)
-        near = centred.abs().sub(site.reach).sign().clamp(min=0)
-        c.step_near[sl].add_(torch.sum(near, site.dims, dtype=acc))
-    counted = keep.sum(dtype=torch.float64) if keep is not None else x.numel() // site.units
-    c.step_obs[site.index].add_(counted)
+    step_max.copy_(torch.maximum(step_max, torch.amax(v.full, site.dims).to(step_max.dtype)))
+    acc = torch.float64 if stats.wide(v) else torch.float32
+    sums = c.pairs["step_fired"]  # rows: step_fired, step_abs
+    sums[:, sl].add_(torch.stack([torch.sum(v.fired, site.dims, dtype=acc), torch.sum(v.magnitude, site.dims, dtype=acc)]))
+    if v.near is not None:
+        c.step_near[sl].add_(torch.sum(v.near, site.dims, dtype=acc))
+    c.step_obs[site.index].add_(v.counted)
     site.ran = True
     c.traced = True
 

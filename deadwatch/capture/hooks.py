@@ -219,10 +219,7 @@ class Capture:
         site_key = SiteKey(path, None, call)
         site = self.sites.get(site_key, False)
         if compiling:
-            if site is False:
-                self.unseen[site_key] = True  # found by an eager step
-            elif site is not None:  # recorded when the module running it returns: see compiled.py
-                self.deferred.append((site, out, self.mask))
+            self._traced(site_key, site, out)
             return
         if site is False:
             parent = self.model.get_submodule(path.rpartition(".")[0]) if path else None
@@ -230,6 +227,14 @@ class Capture:
                                   output_bounds(type(module).__name__, module))
         if site is not None:
             stats.record(site, out, self.mask)
+
+    def _traced(self, key: SiteKey, site: stats.Site | None | bool, out: torch.Tensor) -> None:
+        """A site's output met in a compiled graph: recorded when the module running it returns (see
+        compiled.py); a site not found yet is found by an eager step."""
+        if site is False:
+            self.unseen[key] = True
+        elif site is not None:
+            self.deferred.append((site, out, self.mask))
 
     def on_function(self, fn_name: str, out: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """An activation function called by a method of `module`, one of this model's modules."""
@@ -246,10 +251,7 @@ class Capture:
         site_key = SiteKey(self.paths[id(module)][0], fn_name, call)
         site = self.sites.get(site_key, False)
         if compiling:
-            if site is False:
-                self.unseen[site_key] = True
-            elif site is not None:  # recorded when the module running it returns: see compiled.py
-                self.deferred.append((site, out, self.mask))
+            self._traced(site_key, site, out)
             return
         if site is False:
             beta = kwargs.get("beta", args[1] if fn_name == "softplus" and len(args) > 1 else 1.0)
