@@ -189,9 +189,11 @@ class SiteMap:
         pending, self.pending = self.pending, []
         if not pending:
             return
-        params: dict[int, tuple[str, ...]] = {}   # id(parameter) -> its names (several: tied)
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            params[id(p)] = (*params.get(id(p), ()), name)
+        params: dict[int, tuple[str, ...]] = {}   # id(parameter) -> its names (several: tied in several layers)
+        for path, m in self.model.named_modules():  # a module registered twice: under its first path
+            for name, p in m._parameters.items():
+                if p is not None:
+                    params[id(p)] = (*params.get(id(p), ()), f"{path}.{name}" if path else name)
         outputs = {fn: key for key, fn in pending if fn is not None}
         graph: _Graph | None = None
         problem = "no forward of the model returned after it ran (an activation called outside the model's forward?)"
@@ -376,10 +378,12 @@ def _readers(fn: Any, graph: _Graph, params: dict[int, tuple[str, ...]], model: 
             if found:  # a node reading parameters: a layer, if it is one reading these units alone
                 path = _module_of(params, found)
                 m = model.get_submodule(path) if path is not None else None
-                if m is None or not is_layer(m) or len(inputs) != 1:
+                if m is None or not is_layer(m):
                     what = f"{path!r} ({type(m).__name__})" if m is not None else f"a {name} op"
-                    return partners, [], None, f"{what} reads it: only Linear, Conv and HF Conv1D layers reading " \
-                                               f"it alone are mapped"
+                    return partners, [], None, f"{what} reads it: only Linear, Conv and HF Conv1D layers are mapped"
+                if len(inputs) != 1:
+                    return partners, [], None, f"{path!r} reads it with another tensor that needs grad (a weight " \
+                                               f"computed in its forward, such as weight norm's?)"
                 consumers.add(path)
                 continue
             if name.startswith(("AddBackward", "SubBackward")):

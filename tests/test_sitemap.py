@@ -146,7 +146,7 @@ def _twice(s, x):
     (lambda s, x: s.out(s.act(s.fc(x)).softmax(-1)), {}, "act", "why",
      "its output goes through a Softmax op before any layer reads it"),
     (lambda s, x: s.out(s.norm(s.act(s.fc(x)))), {"norm": nn.BatchNorm1d(16)}, "act", "why",
-     "'norm' (BatchNorm1d) reads it: only Linear, Conv and HF Conv1D layers reading it alone are mapped"),
+     "'norm' (BatchNorm1d) reads it: only Linear, Conv and HF Conv1D layers are mapped"),
     (lambda s, x: s.out(s.act2(s.fc2(x)) + 0 * s.act(s.fc(x)).detach()), {"fc2": nn.Linear(16, 16),
      "act2": nn.ReLU()}, "act", "why", "its output does not reach what the forward of the model returned"),
     (_deep, {}, "act", "why", "no layer found near it in the autograd graph"),
