@@ -619,6 +619,16 @@ class Aliased(nn.Module):
         return self.out(self.act(self.fc(x)))
 
 
+class TiedUnused(Aliased):
+    """fc's weight tied to a layer that does not run."""
+
+    def __init__(self):
+        super().__init__()
+        del self.alias
+        self.spare = nn.Linear(16, 16)
+        self.spare.weight = self.fc.weight
+
+
 class CalledTwice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -668,6 +678,7 @@ def _skipped(make, batch, site, message):
      r"'1' \(LayerNorm\) normalises across units"),
     (Aliased, "act", r"'fc' is used at several places in the model \(shared weights\)"),
     (CalledTwice, "act2", r"'fc' is used more than once per forward"),
+    (TiedUnused, "act", r"fc.weight is shared with another layer \(tied weights\)"),
     (Pooler, "act", "the forward of the model returns it without a layer reading it"),
 ])
 def test_what_cannot_be_recycled_exactly_is_skipped(x, make, site, message):
