@@ -1,17 +1,14 @@
-"""Recycling dead and dormant units (issue 11): Monitor.recycle() and the automatic `recycle` config.
+"""Recycling dead and dormant units (issues 11, 16): Monitor.recycle() and the automatic `recycle` config.
 
 Planted models: a bias of -1e4 kills a unit exactly (its ReLU/SiLU output is 0 for every input).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import subprocess
 import sys
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -221,22 +218,9 @@ def test_dormant_units_at_function_sites(x):
     assert not torch.equal(before, after) and torch.allclose(before, after, atol=1e-3)
 
 
-class Residual(nn.Module):
-    """act(fc(x) + x): a residual add between the layer and the activation."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.act, self.out = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
-        with torch.no_grad():
-            self.fc.bias[3] = -1e4
-
-    def forward(self, x):
-        return self.out(self.act(self.fc(x) + x))
-
-
 def test_ambiguous_site_is_skipped_with_one_warning(x):
     torch.manual_seed(0)
-    net = Residual()
+    net = layouts.Residual()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     with deadwatch.watch(net, reporters=[], window=3) as monitor:
         train(net, monitor, opt, 3, x)
@@ -709,3 +693,38 @@ def test_a_manual_recycle_restarts_the_sites_interval(x):
         assert layer.observations == 2 * len(x)
         assert layer.firing_rate.tolist() == pytest.approx((h > 0).float().mean(0).tolist())   # lr 0: the same both steps
         assert monitor.recycle(sites="1", units="dormant") == {}
+
+
+def test_what_the_ranks_do_not_agree_on_is_skipped_on_every_rank(x, monkeypatch):
+    """Under torch.distributed the ranks compare their plans (faked here for a rank 1): a site another rank
+    plans otherwise, one that has not run there, and one that has not run here are skipped."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from deadwatch import sync
+
+    net = planted_mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with deadwatch.watch(net, reporters=[], window=3, optimizer=opt) as monitor:
+        train(net, monitor, opt, 3, x)
+        report = monitor.report()
+        report.layers.append(dataclasses.replace(report.layers[0], name="ghost"))
+        weights = snapshot(net)
+
+        def all_gather_object(out, mine):
+            other = {name: plan for name, plan in mine.items() if name != "3"}   # "3" has not run on rank 1
+            other["1"] = ((("0",), None, ("4",)), None)                         # rank 1 found other layers
+            out[:] = [mine, other]
+
+        monkeypatch.setattr(sync, "distributed", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+        with pytest.warns(RuntimeWarning) as caught:
+            assert monitor._recycle(report, opt, None, "dead") == {}
+        monkeypatch.undo()
+    assert sorted(str(w.message) for w in caught) == [
+        "deadwatch: recycle: site '1' skipped: the ranks found other layers",
+        "deadwatch: recycle: site '3' skipped: it has not run there",
+        "deadwatch: recycle: site 'ghost' skipped: it has not run in this process"]
+    assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
