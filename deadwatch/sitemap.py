@@ -110,6 +110,11 @@ def _name(node: Any) -> str:
     return type(node).__name__ if node is not None else ""
 
 
+def _op(node: Any) -> str:
+    """An autograd node's op: AddBackward1 -> Add."""
+    return _name(node).rstrip("0123456789").removesuffix("Backward")
+
+
 def _leaf(child: Any) -> torch.Tensor | None:
     """The parameter behind a node input: an AccumulateGrad, or the transpose addmm takes of a weight."""
     var = getattr(child, "variable", None)
@@ -261,7 +266,7 @@ class SiteMap:
             path = _module_of(params, found) if found else None
             if path is None:
                 return None, norm, None, False, None, \
-                    f"no single layer feeds it (a {_name(node).removesuffix('Backward0')} op)"
+                    f"no single layer feeds it (a {_op(node)} op)"
             if is_norm(self.model.get_submodule(path)):
                 if norm is not None:
                     return None, norm, None, False, None, "two norms between the layer and the activation"
@@ -386,12 +391,13 @@ def _readers(fn: Any, graph: _Graph, params: dict[int, tuple[str, ...]], model: 
                                                f"computed in its forward, such as weight norm's?)"
                 consumers.add(path)
                 continue
-            if name.startswith(("AddBackward", "SubBackward")):
+            if name.startswith(SUMS):
                 return partners, [], "its output is added to another tensor (a residual add)", None
             if name.startswith(CONCATS):
                 return partners, [], "its output is concatenated with other tensors", None
-            if not name.startswith(ZERO_KEEPING):
-                return partners, [], None, f"its output goes through a {name.removesuffix('Backward0')} op " \
+            if not name.startswith(ZERO_KEEPING) or name.startswith("DivBackward") and \
+                    user.next_functions[0][0] is not node:   # a division by it does not send 0 to 0
+                return partners, [], None, f"its output goes through a {_op(user)} op " \
                                            f"before any layer reads it"
             others = [i for i in inputs if i is not node]
             if others:  # a product (or quotient) with another tensor that needs grad

@@ -145,6 +145,8 @@ def _twice(s, x):
     (lambda s, x: s.act(s.fc(x)), {}, "act", "why", "the forward of the model returns it without a layer reading it"),
     (lambda s, x: s.out(s.act(s.fc(x)).softmax(-1)), {}, "act", "why",
      "its output goes through a Softmax op before any layer reads it"),
+    (lambda s, x: s.out(torch.ones(()) / s.act(s.fc(x))), {}, "act", "why",
+     "its output goes through a Div op before any layer reads it"),
     (lambda s, x: s.out(s.norm(s.act(s.fc(x)))), {"norm": nn.BatchNorm1d(16)}, "act", "why",
      "'norm' (BatchNorm1d) reads it: only Linear, Conv and HF Conv1D layers are mapped"),
     (lambda s, x: s.out(s.act2(s.fc2(x)) + 0 * s.act(s.fc(x)).detach()), {"fc2": nn.Linear(16, 16),
