@@ -270,3 +270,207 @@ def batches_from(spec: str) -> Iterator[Any]:
         return iter(data)
     except TypeError:
         raise CheckError(f"--data {spec!r} returned a {type(data).__name__}, which is not iterable") from None
+
+
+# -- the `deadwatch check` command
+def proved_only(report: Report) -> Report:
+    """With no data, what the structure forward on a dummy batch saw proves nothing: the dead units are
+    the certified ones only."""
+    from .analysis import IDLE, status
+
+    for layer in report.layers:
+        if layer.status == IDLE:
+            continue
+        layer.dead_units = list(layer.certified_units)
+        layer.dead_fraction = len(layer.dead_units) / layer.units if layer.units else 0.0
+        layer.zero_fraction = layer.dormant_fraction = layer.saturated_fraction = None
+        layer.dormant_units, layer.saturated_units, layer.rare_units, layer.flags = [], [], [], []
+        layer.last_fired, layer.causes, layer.observations = None, [], 0
+        layer.status = status(layer.dead_fraction, False, _config())
+    return report
+
+
+def _config() -> Config:
+    from . import config
+    return config.load(None)
+
+
+def inspect(loaded: Loaded, data: str | None) -> Report:
+    """The report of a loaded model: over --data (eval mode), else certificates from one dummy forward."""
+    assert loaded.model is not None
+    loaded.model.eval()
+    if data is None:
+        return proved_only(scan(loaded.model, [loaded.example]))
+    return scan(loaded.model, batches_from(data))
+
+
+def died(base: Report, now: Report, data: bool) -> dict[str, dict[str, list[int]]]:
+    """Per site, the units certified (and, with data, dead) now and not in `base`."""
+    before = {layer.name: layer for layer in base.layers}
+    out: dict[str, dict[str, list[int]]] = {"newly_certified": {}, "newly_dead": {}}
+    for layer in now.layers:
+        old = before.get(layer.name)
+        for key, units, was in (("newly_certified", layer.certified_units, old.certified_units if old else []),
+                                ("newly_dead", layer.dead_units if data else [], old.dead_units if old else [])):
+            new = sorted(set(units) - set(was))
+            if new:
+                out[key][layer.name] = new
+    return out
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n <= 0 for n in shape):
+        raise CheckError(f"--input-shape {text!r} must be positive integers separated by commas, e.g. 1,3,224,224")
+    return shape
+
+
+def command(args: Any, out: Any, err: Any) -> int:
+    """`deadwatch check`: exit 1 when --fail-on triggers, else 0 (errors: CheckError, exit 2)."""
+    import json
+
+    shape = parse_shape(args.input_shape)
+    loaded = load(args.path, args.model, args.trust, shape)
+    if loaded.model is None:
+        if args.data or args.prune:
+            raise CheckError("--data and --prune need the model's structure: a state dict holds none, pass --model "
+                             "MODULE:CALLABLE")
+        found = suspects(loaded.state)
+        base = suspects(load(args.against, None, args.trust, shape).state) if args.against else None
+        if args.json:
+            print(json.dumps({"path": args.path, "format": loaded.format, "structure": False,
+                              "suspects": [s._asdict() for s in found],
+                              "against": None if base is None else {"base": args.against,
+                                                                    "new_suspects": new_suspects(base, found)}}))
+        else:
+            print_suspects(out, args.path, loaded, found, base, args.against)
+        return 0
+    report = inspect(loaded, args.data)
+    changes = None
+    if args.against:
+        base = load(args.against, args.model, args.trust, shape)
+        if base.model is None:
+            raise CheckError(f"--against {args.against}: no structure for it (pass --model)")
+        changes = died(inspect(base, args.data), report, args.data is not None)
+    result = None
+    if args.prune:
+        from .pruning import prune
+        example = loaded.example if args.data is None else _first(batches_from(args.data))
+        result = prune(loaded.model, report, example)
+        try:
+            torch.save(result.model if loaded.format == "whole model" else result.model.state_dict(), args.prune)
+        except OSError as e:
+            raise CheckError(f"--prune {args.prune}: cannot write it ({e.strerror or e})") from None
+    if args.json:
+        print(json.dumps({"path": args.path, "format": loaded.format, "structure": True, "data": args.data is not None,
+                          "report": report.to_dict(), "against": None if changes is None else
+                          {"base": args.against, **changes}, "prune": None if result is None else result.to_dict()}))
+    else:
+        print_check(out, args.path, loaded.format, report, args.data is not None, changes, args.against, result)
+    failing = [layer.name for layer in report.layers if args.fail_on == "certified" and layer.certified_units
+               or args.fail_on == "dead" and layer.dead_units]
+    if failing:
+        err.print(f"deadwatch: {len(failing)} site(s) with {args.fail_on} units: {', '.join(failing)}",
+                  markup=False, highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def _first(batches: Iterator[Any]) -> Any:
+    batch = next(batches, None)
+    if batch is None:
+        raise CheckError("--data yielded no batch")
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    return batch
+
+
+# -- output, in the style of `deadwatch summary`
+def new_suspects(base: list[Suspect], now: list[Suspect]) -> dict[str, list[int]]:
+    before = {s.tensor: set(s.suspects) for s in base}
+    return {s.tensor: sorted(set(s.suspects) - before.get(s.tensor, set())) for s in now
+            if set(s.suspects) - before.get(s.tensor, set())}
+
+
+def print_suspects(out: Any, path: str, loaded: Loaded, found: list[Suspect], base: list[Suspect] | None,
+                   against: str | None) -> None:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from .cli import units_text
+    from .reporters.console import print_fitted, site_column, title_line
+
+    units = sum(s.units for s in found)
+    title = title_line(f"{path} ({loaded.format}, {len(loaded.state)} tensors, no structure): "
+                       f"{sum(len(s.suspects) for s in found)} suspect unit(s)")
+    table = Table()
+    site_column(table)
+    for column in ("units", "suspects", "rule"):
+        table.add_column(column, justify="right" if column != "rule" else "left")
+    for s in found:
+        table.add_row(Text(s.tensor), str(s.units), units_text(s.suspects), s.rule)
+    lines = [Text("suspects are unproved: without the model's structure (which layer feeds which activation) "
+                  "nothing is certified; pass --model MODULE:CALLABLE", style="yellow")]
+    if not found:
+        lines.insert(0, Text(f"no suspect among {units} units", style="green"))
+    if base is not None:
+        new = new_suspects(base, found)
+        lines.append(Text(f"new since {against}: " + ("; ".join(f"{t}: {units_text(u)}" for t, u in new.items())
+                                                      or "none")))
+    print_fitted(out, Group(title, table, *lines))
+
+
+def print_check(out: Any, path: str, fmt: str, report: Report, data: bool, changes: dict | None,
+                against: str | None, result: Any) -> None:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from .analysis import STYLES
+    from .cli import units_text
+    from .reporters.console import dead_cell, headline, notes, print_fitted, site_column, title_line
+
+    certified = sum(len(layer.certified_units) for layer in report.layers)
+    title = title_line(f"{path} ({fmt}): {len(report.layers)} sites, {certified} certified unit(s), "
+                       + (f"on the data: {headline(report)}" if data else "no data (dead = certified)"))
+    table = Table()
+    site_column(table)
+    for column, justify in (("kind", "left"), ("units", "right"), ("dead", "right"), ("certified", "right"),
+                            ("status", "left")):
+        table.add_column(column, justify=justify)
+    for layer in report.layers:
+        table.add_row(Text(layer.name), Text(layer.kind), str(layer.units), dead_cell(layer),
+                      str(len(layer.certified_units)), Text(layer.status, style=STYLES[layer.status]))
+    lines = certified_lines(report)
+    if changes is not None:
+        for key, label in (("newly_certified", "newly certified"), ("newly_dead", "newly dead on the data")):
+            if key == "newly_dead" and not data:
+                continue
+            text = "; ".join(f"{site}: {units_text(units)}" for site, units in changes[key].items()) or "none"
+            lines.append(Text(f"{label} since {against}: {text}"))
+    if result is not None:
+        lines += [Text(line) for line in result.lines()]
+    print_fitted(out, Group(title, table, *lines, *notes(report)))
+
+
+def certified_lines(report: Report) -> list[Any]:
+    """One line per site with certified units, and one per site whose proved units were not certified."""
+    from rich.text import Text
+
+    from .cli import units_text
+
+    lines = []
+    for layer in report.layers:
+        if layer.certified_units:
+            lines.append(Text.assemble((f"{layer.name}: ", "bold"),
+                                       f"{len(layer.certified_units)} certified (dead for every input, cannot "
+                                       f"recover): {units_text(layer.certified_units)}"))
+        if layer.certify_note:
+            lines.append(Text.assemble((f"{layer.name}: ", "yellow"), layer.certify_note))
+    return lines
