@@ -434,7 +434,7 @@ def print_check(out: Any, path: str, fmt: str, report: Report, data: bool, chang
 
     from .analysis import STYLES
     from .cli import units_text
-    from .reporters.console import dead_cell, headline, notes, print_fitted, site_column, title_line
+    from .reporters.console import certified_lines, dead_cell, headline, notes, print_fitted, site_column, title_line
 
     certified = sum(len(layer.certified_units) for layer in report.layers)
     title = title_line(f"{path} ({fmt}): {len(report.layers)} sites, {certified} certified unit(s), "
@@ -457,20 +457,3 @@ def print_check(out: Any, path: str, fmt: str, report: Report, data: bool, chang
     if result is not None:
         lines += [Text(line) for line in result.lines()]
     print_fitted(out, Group(title, table, *lines, *notes(report)))
-
-
-def certified_lines(report: Report) -> list[Any]:
-    """One line per site with certified units, and one per site whose proved units were not certified."""
-    from rich.text import Text
-
-    from .cli import units_text
-
-    lines = []
-    for layer in report.layers:
-        if layer.certified_units:
-            lines.append(Text.assemble((f"{layer.name}: ", "bold"),
-                                       f"{len(layer.certified_units)} certified (dead for every input, cannot "
-                                       f"recover): {units_text(layer.certified_units)}"))
-        if layer.certify_note:
-            lines.append(Text.assemble((f"{layer.name}: ", "yellow"), layer.certify_note))
-    return lines

@@ -24,7 +24,7 @@ from rich.text import Text
 from .analysis import CRITICAL, FLAGS, IDLE, NONFINITE, OK, STYLES, WARN, LayerReport, Report
 from .errors import DeadwatchError
 from .reporters import runlog
-from .reporters.console import (count_cell, dead_cell, died_text, flag_lines, flags_cell, has_verdicts, headline, notes,
+from .reporters.console import (certified_lines, count_cell, dead_cell, died_text, flag_lines, flags_cell, has_verdicts, headline, notes,
                                 percent, print_fitted, site_column, title_line)
 
 LEVELS = {OK: 0, WARN: 1, CRITICAL: 2, NONFINITE: 3}  # --fail-on; an idle site is not judged, so never fails
@@ -148,6 +148,7 @@ def summary_view(log: runlog.RunLog, report: Report) -> Group:
             lines.append(Text(f"  dead units: {units_text(layer.dead_units)}" + (f"; {died}" if died else "")))
     if not lines:
         lines.append(Text("no site flagged", style="green"))
+    lines += certified_lines(report)
     if log.recycles:
         lines.append(Text(recycled_text([r for _, r in log.recycles])))
     return Group(title, table, *lines, *notes(report))
