@@ -124,22 +124,29 @@ def revivable(optimizer: torch.optim.Optimizer, entries: list[Entry]) -> str | N
         if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
             return f"{kind} trains {e.name}: certificates cover SGD and Adam/AdamW only"
         index = torch.tensor(e.units, dtype=torch.long, device=e.param.device)
+        why = _decay(optimizer, group, e, index)  # first: under coupled Adam decay it is also why moments are nonzero
+        if why is not None:
+            return why
         state = optimizer.state.get(e.param, {})
         for key in MOMENTS:
             moment = state.get(key)
             if isinstance(moment, torch.Tensor) and bool((moment.index_select(e.dim, index) != 0).any()):
                 return f"{kind} holds a nonzero {key} for {e.name}, which can move it back"
-        decay = float(group.get("weight_decay", 0.0) or 0.0)
-        if not decay or not bool((e.param.detach().index_select(e.dim, index) != 0).any()):
-            continue  # decay leaves an entry at 0 where it is
-        coupled = type(optimizer) is torch.optim.Adam and not group.get("decoupled_weight_decay", False)
-        if coupled:
-            return (f"Adam with coupled weight decay ({decay:g}) steps {e.name} by about lr per step whatever its "
-                    f"size: it can carry it past 0")
-        if isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0):
-            return f"SGD momentum with weight decay ({decay:g}) can carry {e.name} past 0"
-        if float(group["lr"]) * decay > 1:
-            return f"lr * weight_decay > 1 flips the sign of {e.name}"
+    return None
+
+
+def _decay(optimizer: torch.optim.Optimizer, group: dict, e: Entry, index: torch.Tensor) -> str | None:
+    """Why the weight decay of `group` could carry the entries past 0, or None."""
+    decay = float(group.get("weight_decay", 0.0) or 0.0)
+    if not decay or not bool((e.param.detach().index_select(e.dim, index) != 0).any()):
+        return None  # decay leaves an entry at 0 where it is
+    if type(optimizer) is torch.optim.Adam and not group.get("decoupled_weight_decay", False):
+        return (f"Adam with coupled weight decay ({decay:g}) steps {e.name} by about lr per step whatever its "
+                f"size: it can carry it past 0")
+    if isinstance(optimizer, torch.optim.SGD) and group.get("momentum", 0):
+        return f"SGD momentum with weight decay ({decay:g}) can carry {e.name} past 0"
+    if float(group["lr"]) * decay > 1:
+        return f"lr * weight_decay > 1 flips the sign of {e.name}"
     return None
 
 
