@@ -11,15 +11,18 @@ and removing them would remove that producer's live channels too. Units that are
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .errors import DeadwatchError
+from .recycle import is_conv1d
 
 if TYPE_CHECKING:
     from .analysis import Report
@@ -86,11 +89,33 @@ def _outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Torch-Pruning prints notes to stdout and warns about layers it does not know: `deadwatch check --json`
+    prints one JSON object there, and the result says what was skipped."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
+
+
 def _run(model: nn.Module, inputs: Any, grad: bool = False) -> list[torch.Tensor]:
     with torch.set_grad_enabled(grad):
-        if isinstance(inputs, Mapping):
-            return _outputs(model(**inputs))
-        return _outputs(model(*inputs) if isinstance(inputs, tuple) else model(inputs))
+        return _outputs(_call(model, inputs))
+
+
+def _count(tp: Any, model: nn.Module, inputs: Any) -> tuple[float, int]:
+    """(multiply-accumulates, parameters); MACs are NaN where Torch-Pruning's counter cannot run the model."""
+    params = sum(p.numel() for p in model.parameters())
+    try:
+        with _quiet():
+            macs, _ = tp.utils.count_ops_and_params(model, dict(inputs) if isinstance(inputs, Mapping) else inputs)
+    except Exception:
+        macs = float("nan")
+    return float(macs), params
 
 
 def _layers(model: nn.Module, inputs: Any) -> tuple[dict[str, Any], dict[str, str | None]]:
@@ -143,13 +168,17 @@ def prune(model: nn.Module, units: Report | Mapping[str, Any], example_inputs: A
     try:
         inputs = example_inputs if isinstance(example_inputs, (tuple, Mapping)) else (example_inputs,)
         layers, coupled = _layers(pruned, inputs)
-        graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=inputs if not isinstance(inputs, Mapping)
-                                                      else dict(inputs))
-        macs_before, params_before = tp.utils.count_ops_and_params(pruned, inputs if not isinstance(inputs, Mapping)
-                                                                   else dict(inputs))
+        macs_before, params_before = _count(tp, pruned, inputs)
         removed, skipped = {}, {}
+        try:
+            with _quiet():
+                    graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=inputs, forward_fn=_call,
+                                                              output_transform=lambda out: [t for t in _outputs(out)
+                                                                                            if t.grad_fn is not None])
+        except Exception as e:  # an op Torch-Pruning does not know: nothing is pruned, and the result says why
+            graph, untraced = None, f"Torch-Pruning could not trace the model ({type(e).__name__}: {e})"
         for site, chosen in wanted.items():
-            why = _unprunable(site, layers, coupled, pruned, chosen)
+            why = _unprunable(site, layers, coupled, pruned, chosen) or (untraced if graph is None else None)
             group = None
             if why is None:
                 group, why = _group(tp, graph, pruned, layers[site], chosen)
@@ -158,8 +187,7 @@ def prune(model: nn.Module, units: Report | Mapping[str, Any], example_inputs: A
                 continue
             group.prune()
             removed[site] = chosen
-        macs_after, params_after = tp.utils.count_ops_and_params(pruned, inputs if not isinstance(inputs, Mapping)
-                                                                 else dict(inputs))
+        macs_after, params_after = _count(tp, pruned, inputs)
         before, after = _run(model, inputs), _run(pruned, inputs)
         if [t.shape for t in before] != [t.shape for t in after]:
             raise DeadwatchError("prune(): the pruned model's outputs have other shapes than the model's; "
@@ -169,8 +197,7 @@ def prune(model: nn.Module, units: Report | Mapping[str, Any], example_inputs: A
     finally:
         for m, mode in training:
             m.training = mode
-    return PruneResult(pruned, int(params_before), int(params_after), float(macs_before), float(macs_after),
-                       removed, skipped, diff)
+    return PruneResult(pruned, params_before, params_after, macs_before, macs_after, removed, skipped, diff)
 
 
 def _unprunable(site: str, layers: Mapping[str, Any], coupled: Mapping[str, str | None], model: nn.Module,
@@ -184,22 +211,20 @@ def _unprunable(site: str, layers: Mapping[str, Any], coupled: Mapping[str, str 
         return coupled[site]
     if len(around.producers) > 1:
         return f"its units are made by several layers {list(around.producers)} (a gated product)"
+    producer = model.get_submodule(around.producers[0])
+    if is_conv1d(producer):
+        return "Torch-Pruning has no rule for Hugging Face's Conv1D (GPT-2): its rows are columns"
+    if not isinstance(producer, nn.Linear) and not (isinstance(producer, nn.modules.conv._ConvNd)
+                                                    and not producer.transposed):
+        return f"its producer {around.producers[0]!r} is a {type(producer).__name__}, not a Linear or Conv"
     return None
 
 
 def _group(tp: Any, graph: Any, model: nn.Module, around: Any, chosen: list[int]) -> tuple[Any, str | None]:
-    """Torch-Pruning's group for the producer's output channels `chosen`, or why it is not pruned."""
-    from .recycle import is_conv1d
-
+    """Torch-Pruning's group for the producer's (a Linear or Conv) output channels `chosen`, or why it is not
+    pruned."""
     producer = model.get_submodule(around.producers[0])
-    if is_conv1d(producer):
-        return None, "Torch-Pruning has no rule for Hugging Face's Conv1D (GPT-2): its rows are columns"
-    if isinstance(producer, nn.Linear):
-        fn = tp.prune_linear_out_channels
-    elif isinstance(producer, nn.modules.conv._ConvNd) and not producer.transposed:
-        fn = tp.prune_conv_out_channels
-    else:
-        return None, f"its producer {around.producers[0]!r} is a {type(producer).__name__}, not a Linear or Conv"
+    fn = tp.prune_linear_out_channels if isinstance(producer, nn.Linear) else tp.prune_conv_out_channels
     if len(chosen) >= (producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels):
         return None, "every unit of the site is dead: removing them all would leave a layer with no outputs"
     group = graph.get_pruning_group(producer, fn, idxs=list(chosen))
