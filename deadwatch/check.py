@@ -13,6 +13,7 @@ import importlib
 import os
 import pickle
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
@@ -60,6 +61,7 @@ def scan(model: nn.Module, batches: Iterable[Any], config: Config | str | os.Pat
     grads = [(p, p.requires_grad) for p in model.parameters()]
     monitor = Monitor(model, config, **overrides)
     monitor._scan = True
+    failed = True
     try:
         for i, batch in enumerate(batches):
             if i == 0:
@@ -71,9 +73,16 @@ def scan(model: nn.Module, batches: Iterable[Any], config: Config | str | os.Pat
                 for p, wanted in grads:
                     p.requires_grad_(wanted)
             monitor.step()
-        return monitor.report()
+        if not monitor.steps:
+            raise DeadwatchError("scan(): `batches` yielded no batch")
+        report = monitor.report()
+        failed = False
+        return report
     finally:
-        monitor.close()
+        with warnings.catch_warnings():
+            if failed:  # the scan's own error says what went wrong: no warning that nothing was judged
+                warnings.simplefilter("ignore")
+            monitor.close()
         for p, wanted in grads:
             p.requires_grad_(wanted)
         with torch.no_grad():
@@ -154,10 +163,10 @@ def _torch_load(path: str, trust: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if not trust:
+        if not trust and "Unsupported global" in str(e):  # a class to import: readable, but only by running code
             raise CheckError(f"refused: {path} holds pickled objects beyond tensors (a whole model?), and unpickling "
                              f"runs code; pass --trust if you trust this file") from None
-        raise CheckError(f"cannot read {path}: {e}") from None
+        raise CheckError(f"cannot read {path}: not a file torch.save wrote, or a damaged one (UnpicklingError)") from None
     except Exception as e:
         raise CheckError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
@@ -299,9 +308,17 @@ def inspect(loaded: Loaded, data: str | None) -> Report:
     """The report of a loaded model: over --data (eval mode), else certificates from one dummy forward."""
     assert loaded.model is not None
     loaded.model.eval()
-    if data is None:
-        return proved_only(scan(loaded.model, [loaded.example]))
-    return scan(loaded.model, batches_from(data))
+    batches = [loaded.example] if data is None else batches_from(data)
+    try:
+        report = scan(loaded.model, batches)
+    except DeadwatchError:
+        raise
+    except Exception as e:
+        what = "the --data batches" if data is not None else \
+            f"a dummy input {tuple(loaded.example.shape) if isinstance(loaded.example, torch.Tensor) else ''}"
+        raise CheckError(f"the model failed on {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         + ("; pass --input-shape with the shape it takes" if data is None else "")) from None
+    return report if data is not None else proved_only(report)
 
 
 def died(base: Report, now: Report, data: bool) -> dict[str, dict[str, list[int]]]:

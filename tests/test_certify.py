@@ -97,6 +97,8 @@ def test_scan_counts_every_forward_and_batch_forms():
     assert report.step == 3 and report.layers[0].observations > 0
     with pytest.raises(deadwatch.DeadwatchError, match="a batch must be"):
         deadwatch.scan(net, [3])
+    with pytest.raises(deadwatch.DeadwatchError, match="yielded no batch"):
+        deadwatch.scan(net, [])
 
 
 def mlp_planted():
