@@ -141,7 +141,7 @@ def _layers(model: nn.Module, inputs: Any) -> tuple[dict[str, Any], dict[str, st
         coupled = {}
         for name, around in layers.items():
             reason = getattr(around, "coupled", None)
-            if reason is None:
+            if not hasattr(around, "coupled"):  # the layers capture traced for recycling: no coupled field
                 key = next((k for k, n in names.items() if n == name), None)
                 later = capture.fed.get(key)
                 reason = f"its output reaches site {names.get(later, later)!r} without a layer between (a residual " \
