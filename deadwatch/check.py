@@ -381,8 +381,8 @@ def command(args: Any, out: Any, err: Any) -> int:
         result = prune(loaded.model, report, example)
         try:
             torch.save(result.model if loaded.format == "whole model" else result.model.state_dict(), args.prune)
-        except OSError as e:
-            raise CheckError(f"--prune {args.prune}: cannot write it ({e.strerror or e})") from None
+        except (OSError, RuntimeError) as e:  # torch.save: RuntimeError for a missing folder
+            raise CheckError(f"--prune {args.prune}: cannot write it ({getattr(e, 'strerror', None) or e})") from None
     if args.json:
         print(json.dumps({"path": args.path, "format": loaded.format, "structure": True, "data": args.data is not None,
                           "report": report.to_dict(), "against": None if changes is None else
@@ -399,12 +399,9 @@ def command(args: Any, out: Any, err: Any) -> int:
 
 
 def _first(batches: Iterator[Any]) -> Any:
-    batch = next(batches, None)
-    if batch is None:
-        raise CheckError("--data yielded no batch")
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    return batch
+    """The first batch's input (the scan before has checked that there is one)."""
+    batch = next(batches)
+    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
 
 
 # -- output, in the style of `deadwatch summary`

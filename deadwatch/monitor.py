@@ -160,8 +160,7 @@ class Monitor:
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
         report = analysis.Report(step=self.steps, window=self.config.window, layers=layers)
         self._explain(report, figures, local=same)
-        if same:  # every rank has the sites this process traced: every rank certifies the same units
-            self._certify(report)
+        self._certify(report)
         return report
 
     def state_dict(self) -> dict[str, Any]:

@@ -148,8 +148,9 @@ def conv_bn():
 def test_prove_norm_rules():
     m = conv_bn().eval()
     with torch.no_grad():
-        m[1].weight[[0, 1, 2]] = 0.0
+        m[1].weight[[0, 1, 2, 3]] = 0.0
         m[1].bias[[0, 1, 2]] = -0.5
+        m[1].bias[3] = 0.5                              # scale 0, shift > 0: it outputs 0.5, fires
         m[1].running_var[1] = -1.0                      # var + eps < 0: eval output is NaN, not the shift
         m[1].running_mean[2] = float("nan")
     layers = certify.SiteLayers(("0",), "1", False)
@@ -185,6 +186,10 @@ def test_prove_nonnegative_rule_needs_nonnegative_inputs():
         lin[0].bias.fill_(-0.1)
     assert certify.prove(lin, certify.SiteLayers(("0",), None, True), 2).units == [0]
     assert certify.prove(lin, certify.SiteLayers(("0",), None, False), 2).units == []
+    with torch.no_grad():
+        lin[0].weight.copy_(torch.tensor([[-float("inf"), -1.0, 0.0], [0.0, 0.0, 0.0]]))  # -inf * 0 is NaN
+        lin[0].bias.copy_(torch.tensor([-1.0, 0.5]))                                    # zero row, bias > 0
+    assert certify.prove(lin, certify.SiteLayers(("0",), None, True), 2).units == []
 
 
 def test_hf_conv1d_rows():

@@ -194,9 +194,14 @@ def hf_folder(tmp_path, kind):
 @pytest.mark.parametrize("kind, units", [("bert", [3, 9]), ("gpt2", [5])])
 def test_hugging_face_folder(capsys, tmp_path, kind, units):
     folder, site = hf_folder(tmp_path, kind)
-    code, doc, _ = check_json(capsys, folder, "--fail-on", "certified")
+    pruned = tmp_path / "pruned.pt"
+    code, doc, _ = check_json(capsys, folder, "--fail-on", "certified", "--prune", pruned)  # stdout: JSON only
     assert code == 1 and doc["format"] == "hugging face"
     assert certified(doc) == {site: units}
+    if kind == "bert":
+        assert doc["prune"]["removed"] == {site: units} and doc["prune"]["max_difference"] <= 1e-5
+    else:
+        assert "Conv1D" in doc["prune"]["skipped"][site]
 
 
 def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, saved):
@@ -223,6 +228,7 @@ def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, saved):
         ([saved, "--model", MODEL, "--input-shape", "1,x"], "--input-shape '1,x' must be positive integers"),
         ([saved, "--model", MODEL], "the model failed on a dummy input (2, 3, 32, 32) (RuntimeError: mat1 and mat2"),
         ([folder, "--model", MODEL, *SHAPE], "--model is for state dicts"),
+        ([saved, "--model", MODEL, *SHAPE, "--prune", tmp_path / "no" / "such" / "dir.pt"], "cannot write it"),
     ]
     for args, message in cases:
         code, out, err = check(capsys, *args)
