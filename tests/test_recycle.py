@@ -179,10 +179,14 @@ def test_sites_and_units_arguments(x):
     with deadwatch.watch(net, reporters=[], window=3) as monitor:
         train(net, monitor, opt, 3, x)
         with pytest.raises(KeyError, match="no site 'nope'"):
-            monitor.recycle(sites=["nope"])
+            monitor.recycle(opt, sites=["nope"])
         with pytest.raises(ValueError, match="dead, dormant"):
-            monitor.recycle(units="zombie")
-        assert monitor.recycle(sites="3") == {"3": [2]}
+            monitor.recycle(opt, units="zombie")
+        weights = snapshot(net)
+        with pytest.raises(deadwatch.DeadwatchError, match=r"no optimizer is known: pass recycle\(optimizer=opt\)"):
+            monitor.recycle()          # none given here nor to watch(): stale moments would steer the new rows
+        assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+        assert monitor.recycle(opt, sites="3") == {"3": [2]}
 
 
 class GeluNet(nn.Module):
@@ -405,20 +409,43 @@ def test_automatic_mode_logs_each_recycling(tmp_path, x, capsys):
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     with deadwatch.watch(net, logdir=tmp_path, window=3, report_every=4, optimizer=opt,
                          recycle={"every": 2, "max_fraction": 0.05}) as monitor:
-        train(net, monitor, opt, 8, x)
-        recycled = monitor.report()
+        train(net, monitor, opt, 10, x)
     out = capsys.readouterr().out
-    # at step 8 (the 2nd report): at most 5% of 32 units, i.e. 1 per site, the lowest index among equals
-    assert "deadwatch: step 8: recycled 2 units: 1 1, 3 1" in out
-    assert recycled.layer("1").dead_units == [3, 5] and recycled.layer("3").dead_units == []
+    # one step after the 2nd report (step 8), on the verdict of step 9: at most 5% of 32 units, i.e. 1 per
+    # site, the lowest index among equals
+    assert "deadwatch: step 9: recycled 2 units: 1 1, 3 1" in out
     log = runlog.read(str(tmp_path))
-    assert [(r["step"], r["units"]) for _, r in log.recycles] == [(8, {"1": [1], "3": [2]})]
+    assert [(r["step"], r["units"]) for _, r in log.recycles] == [(9, {"1": [1], "3": [2]})]
     events = EventAccumulator(str(tmp_path)).Reload()
-    assert [(e.step, e.value) for e in events.Scalars("deadwatch/recycled/1")] == [(8, 1.0)]
+    assert [(e.step, e.value) for e in events.Scalars("deadwatch/recycled/1")] == [(9, 1.0)]
     summary = subprocess.run([str(BIN / "deadwatch"), "summary", str(tmp_path)], capture_output=True, text=True)
     assert summary.returncode == 0, summary.stderr
-    assert "recycled 2 units in 1 recycling (step 8): 1 1, 3 1" in summary.stdout
+    assert "recycled 2 units in 1 recycling (step 9): 1 1, 3 1" in summary.stdout
     assert "torn" not in summary.stdout + summary.stderr
+    # the run log's last report (the final one, at close), `summary` and report() tell the same verdict
+    final = monitor.report()
+    assert final.step == log.last.step == 10
+    assert [(l.name, l.dead_units) for l in log.last.layers] == [(l.name, l.dead_units) for l in final.layers] == \
+        [("1", [3, 5]), ("3", [])]
+    assert f"{final.dead_fraction:.1%} of 64 units dead" in summary.stdout
+
+
+def test_no_automatic_recycling_at_the_last_report(tmp_path, x):
+    """A run that ends at a report due for recycling: nothing is recycled after it, so the run log, `summary`
+    and report() agree, and no unit is redrawn that could not train."""
+    net = planted_mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with deadwatch.watch(net, logdir=tmp_path, reporters=["jsonl"], window=3, report_every=4, optimizer=opt,
+                         recycle={"every": 2, "max_fraction": 1.0}) as monitor:
+        train(net, monitor, opt, 8, x)
+        weights = snapshot(net)
+    final = monitor.report()
+    log = runlog.read(str(tmp_path))
+    assert log.recycles == [] and all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+    assert log.last.step == final.step == 8
+    assert [l.dead_units for l in log.last.layers] == [l.dead_units for l in final.layers] == [[1, 3, 5], [2]]
+    summary = subprocess.run([str(BIN / "deadwatch"), "summary", str(tmp_path)], capture_output=True, text=True)
+    assert f"{final.dead_fraction:.1%} of 64 units dead" in summary.stdout
 
 
 def test_custom_reporter_without_recycled_keeps_working(x):
