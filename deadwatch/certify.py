@@ -29,23 +29,13 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from .recycle import is_conv1d, is_layer
+from .sitemap import SiteLayers, is_conv1d, is_layer
 
 if TYPE_CHECKING:
     from .analysis import Report
 
 CERTIFIABLE = ("relu", "relu6", "relusquaredactivation")   # output 0 and gradient 0 at pre-activation <= 0
-NONNEGATIVE_OUTPUT = CERTIFIABLE + ("sigmoid", "hardsigmoid", "softmax")  # a producer reading these reads x >= 0
 MOMENTS = ("momentum_buffer", "exp_avg")  # optimizer state that moves an entry whose gradient is 0
-
-
-class SiteLayers(NamedTuple):
-    """What a certificate reads about one site (the fields of the site map it uses)."""
-
-    producers: tuple[str, ...]   # module paths making the units; the first feeds the activation
-    norm: str | None             # a norm between producer and activation
-    input_nonnegative: bool      # the producer reads a ReLU-family / sigmoid / softmax output straight
-    why: str | None = None       # why the layers are not known (then producers is empty)
 
 
 class Entry(NamedTuple):
@@ -74,11 +64,13 @@ def _plain(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or (type(t.data) is torch.Tensor and not t.is_meta) for t in tensors)
 
 
-def prove(model: nn.Module, layers: Any, units: int) -> Proof | None:
+def prove(model: nn.Module, layers: SiteLayers, units: int) -> Proof | None:
     """The units of a site proved dead for every input from the weights, in the mode the model is in now;
-    None when the layers around it are not known or not of a kind a proof covers."""
-    producers = tuple(getattr(layers, "producers", ()) or ())
-    if not producers or getattr(layers, "why", None):
+    None when the layers around it are not known or not of a kind a proof covers. A pre-activation that is a
+    sum (a residual add) has no producer in the map; an output added to other tensors (`coupled`) does
+    not change what the site outputs, so it does not stop a proof."""
+    producers = layers.producers
+    if not producers or layers.why:
         return None
     producer = model.get_submodule(producers[0])
     if not is_layer(producer) or not _plain(producer.weight, producer.bias):
@@ -88,7 +80,7 @@ def prove(model: nn.Module, layers: Any, units: int) -> Proof | None:
         return None
     bias = producer.bias.detach() if producer.bias is not None else None
     bias_ok = torch.ones(units, dtype=torch.bool, device=rows.device) if bias is None else bias <= 0
-    norm_path = getattr(layers, "norm", None)
+    norm_path = layers.norm
     if norm_path is not None:
         norm = model.get_submodule(norm_path)
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.weight is None or norm.num_features != units \
@@ -103,7 +95,7 @@ def prove(model: nn.Module, layers: Any, units: int) -> Proof | None:
                             Entry(f"{norm_path}.bias", norm.bias, 0, dead)], "norm")
     finite = torch.isfinite(rows).all(1)
     ok = (rows == 0).all(1) & bias_ok
-    if getattr(layers, "input_nonnegative", False):
+    if layers.input_nonnegative:
         ok |= finite & (rows <= 0).all(1) & bias_ok
     dead = ok.nonzero().flatten().tolist()
     entries = [Entry(f"{producers[0]}.weight", producer.weight, 1 if is_conv1d(producer) else 0, dead)]
@@ -150,7 +142,7 @@ def _decay(optimizer: torch.optim.Optimizer, group: dict, e: Entry, index: torch
     return None
 
 
-def annotate(report: Report, model: nn.Module, layers: Mapping[str, Any], kinds: Mapping[str, str],
+def annotate(report: Report, model: nn.Module, layers: Mapping[str, SiteLayers], kinds: Mapping[str, str],
              optimizer: torch.optim.Optimizer | None = None, training: bool = False) -> None:
     """Set certified_units (and certify_note) of the report's sites from the site map `layers` (by site
     name) and each site's activation kind. `training`: the units must also be unable to come back under
@@ -175,25 +167,11 @@ def annotate(report: Report, model: nn.Module, layers: Mapping[str, Any], kinds:
         layer.certified_units = proved
 
 
-def nonnegative_kind(kind: str | None) -> bool:
-    return kind is not None and kind.lower() in NONNEGATIVE_OUTPUT
 
-
-def site_map(monitor: Any) -> tuple[dict[str, Any], dict[str, str]]:
-    """({site name: its layers}, {site name: activation kind}) for the monitor's sites. Reads the site map
-    (Monitor.site_layers()) when there is one, else the layers capture traced for recycling."""
+def site_map(monitor: Any) -> tuple[dict[str, SiteLayers], dict[str, str]]:
+    """({site name: its layers}, {site name: activation kind}) for the monitor's sites, from the one site
+    map (Monitor.site_layers())."""
     capture = monitor._capture
     layout = capture.layout()
-    names = capture.names([key for key, _ in layout])
-    kinds = {name: site.kind for name, (_, site) in zip(names, layout)}
-    if hasattr(monitor, "site_layers"):
-        return dict(monitor.site_layers()), kinds
-    found = {}
-    for name, (key, _) in zip(names, layout):
-        traced = capture.layers.get(key)
-        if traced is None:
-            continue
-        reads = capture.sites.get(traced.reads) if traced.reads is not None else None
-        found[name] = SiteLayers((traced.producer,) if traced.producer else (), traced.norm,
-                                 nonnegative_kind(reads.kind if reads is not None else None), traced.why)
-    return found, kinds
+    kinds = {name: site.kind for name, (_, site) in zip(capture.names([key for key, _ in layout]), layout)}
+    return monitor.site_layers(), kinds

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import DeadwatchError
-from .recycle import is_conv1d
+from .sitemap import SiteLayers, is_conv1d
 
 if TYPE_CHECKING:
     from .analysis import Report
@@ -118,10 +118,8 @@ def _count(tp: Any, model: nn.Module, inputs: Any) -> tuple[float, int]:
     return float(macs), params
 
 
-def _layers(model: nn.Module, inputs: Any) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """The site map of `model` (traced by one forward under a monitor), and per site why its output is
-    coupled to another site's (a residual add) or None."""
-    from . import certify
+def _layers(model: nn.Module, inputs: Any) -> dict[str, SiteLayers]:
+    """The site map of `model`, traced by one forward under a monitor."""
     from .monitor import Monitor
 
     monitor = Monitor(model, reporters=[], count_eval=True)
@@ -135,21 +133,9 @@ def _layers(model: nn.Module, inputs: Any) -> tuple[dict[str, Any], dict[str, st
             for p, wanted in grads:
                 p.requires_grad_(wanted)
         monitor.step()
-        layers, _ = certify.site_map(monitor)
-        capture = monitor._capture
-        names = dict(zip([key for key, _ in capture.layout()], capture.names([key for key, _ in capture.layout()])))
-        coupled = {}
-        for name, around in layers.items():
-            reason = getattr(around, "coupled", None)
-            if not hasattr(around, "coupled"):  # the layers capture traced for recycling: no coupled field
-                key = next((k for k, n in names.items() if n == name), None)
-                later = capture.fed.get(key)
-                reason = f"its output reaches site {names.get(later, later)!r} without a layer between (a residual " \
-                         f"add)" if later is not None else None
-            coupled[name] = reason
+        return monitor.site_layers()
     finally:
         monitor.close()
-    return layers, coupled
 
 
 def prune(model: nn.Module, units: Report | Mapping[str, Any], example_inputs: Any, select: str = "certified"
@@ -167,7 +153,7 @@ def prune(model: nn.Module, units: Report | Mapping[str, Any], example_inputs: A
     pruned.eval()
     try:
         inputs = example_inputs if isinstance(example_inputs, (tuple, Mapping)) else (example_inputs,)
-        layers, coupled = _layers(pruned, inputs)
+        layers = _layers(pruned, inputs)
         macs_before, params_before = _count(tp, pruned, inputs)
         removed, skipped = {}, {}
         try:
@@ -178,7 +164,7 @@ def prune(model: nn.Module, units: Report | Mapping[str, Any], example_inputs: A
         except Exception as e:  # an op Torch-Pruning does not know: nothing is pruned, and the result says why
             graph, untraced = None, f"Torch-Pruning could not trace the model ({type(e).__name__}: {e})"
         for site, chosen in wanted.items():
-            why = _unprunable(site, layers, coupled, pruned, chosen) or (untraced if graph is None else None)
+            why = _unprunable(site, layers, pruned) or (untraced if graph is None else None)
             group = None
             if why is None:
                 group, why = _group(tp, graph, pruned, layers[site], chosen)
@@ -200,15 +186,17 @@ def prune(model: nn.Module, units: Report | Mapping[str, Any], example_inputs: A
     return PruneResult(pruned, params_before, params_after, macs_before, macs_after, removed, skipped, diff)
 
 
-def _unprunable(site: str, layers: Mapping[str, Any], coupled: Mapping[str, str | None], model: nn.Module,
-                chosen: list[int]) -> str | None:
+def _unprunable(site: str, layers: Mapping[str, SiteLayers], model: nn.Module) -> str | None:
+    """Why the site map rules the site out, or None."""
     around = layers.get(site)
     if around is None:
         return "no such site in this model (or it did not run on the example inputs)"
-    if getattr(around, "why", None) or not getattr(around, "producers", None):
-        return f"its layers are not known: {getattr(around, 'why', None) or 'no producer'}"
-    if coupled.get(site):
-        return coupled[site]
+    if around.coupled:
+        return around.coupled
+    if around.why or not around.producers:
+        return f"its layers are not known: {around.why or 'no single layer makes its units'}"
+    if around.repeated:
+        return f"{list(around.repeated)} are used more than once per forward (shared or tied weights)"
     if len(around.producers) > 1:
         return f"its units are made by several layers {list(around.producers)} (a gated product)"
     producer = model.get_submodule(around.producers[0])
@@ -229,7 +217,7 @@ def _group(tp: Any, graph: Any, model: nn.Module, around: Any, chosen: list[int]
         return None, "every unit of the site is dead: removing them all would leave a layer with no outputs"
     group = graph.get_pruning_group(producer, fn, idxs=list(chosen))
     mine = {producer, model.get_submodule(around.norm) if around.norm else None}
-    readers, others = 0, []
+    readers, others = set(), []
     paths = {m: p for p, m in model.named_modules()}
     for dep, _ in group:
         target = dep.target.module
@@ -237,13 +225,16 @@ def _group(tp: Any, graph: Any, model: nn.Module, around: Any, chosen: list[int]
             continue  # Torch-Pruning's own nodes (elementwise ops, reshapes)
         name = getattr(dep.handler, "__name__", "")
         if "in_channels" in name:
-            readers += 1
+            readers.add(paths[target])
         elif target not in mine:
             others.append(paths[target])
     if others:
         return None, f"its channels are shared with {sorted(set(others))} (a residual add or another coupling)"
     if not readers:
         return None, "no layer reads its units (they are the model's output)"
+    if readers != set(around.consumers):  # two traces of one forward must agree on who reads the units
+        return None, (f"Torch-Pruning finds {sorted(readers)} reading its units, the site map "
+                      f"{sorted(around.consumers)}")
     if not graph.check_pruning_group(group):
         return None, "Torch-Pruning refuses the group (it would leave a layer with no channels)"
     return group, None

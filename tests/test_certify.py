@@ -12,6 +12,12 @@ from torch import nn
 import deadwatch
 from deadwatch import certify
 from deadwatch.analysis import LayerReport, Report
+from deadwatch.sitemap import SiteLayers
+
+
+def around(producers, norm=None, nonneg=False, why=None, **fields):
+    """The site map's entry for a site, as the rules read it."""
+    return SiteLayers(producers=producers, norm=norm, input_nonnegative=nonneg, why=why, **fields)
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +159,7 @@ def test_prove_norm_rules():
         m[1].bias[3] = 0.5                              # scale 0, shift > 0: it outputs 0.5, fires
         m[1].running_var[1] = -1.0                      # var + eps < 0: eval output is NaN, not the shift
         m[1].running_mean[2] = float("nan")
-    layers = certify.SiteLayers(("0",), "1", False)
+    layers = around(("0",), "1")
     assert certify.prove(m, layers, 4).units == [0]
     m.train()                                           # batch statistics: the running ones do not matter
     assert certify.prove(m, layers, 4).units == [0, 1, 2]
@@ -164,19 +170,19 @@ def test_prove_refuses_unknown_layouts():
     with torch.no_grad():
         m[1].weight.zero_()
         m[1].bias.fill_(-1.0)
-    assert certify.prove(m, certify.SiteLayers(("0",), "1", False), 4) is None      # LayerNorm mixes units
+    assert certify.prove(m, around(("0",), "1"), 4) is None      # LayerNorm mixes units
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.ReLU())
-    assert certify.prove(bn, certify.SiteLayers(("0",), "1", False), 4) is None     # no affine scale
+    assert certify.prove(bn, around(("0",), "1"), 4) is None     # no affine scale
     lin = nn.Sequential(nn.Linear(3, 4))
     with torch.no_grad():
         lin[0].weight.zero_()
         lin[0].bias.fill_(-1.0)
-    assert certify.prove(lin, certify.SiteLayers(("0",), None, False), 4).units == [0, 1, 2, 3]
-    assert certify.prove(lin, certify.SiteLayers(("0",), None, False), 5) is None   # units do not match
-    assert certify.prove(lin, certify.SiteLayers((), None, False, "a residual add"), 4) is None
-    assert certify.prove(lin, certify.SiteLayers(("0",), None, False, "why"), 4) is None
+    assert certify.prove(lin, around(("0",)), 4).units == [0, 1, 2, 3]
+    assert certify.prove(lin, around(("0",)), 5) is None   # units do not match
+    assert certify.prove(lin, around((), why="a residual add"), 4) is None
+    assert certify.prove(lin, around(("0",), why="why"), 4) is None
     meta = nn.Sequential(nn.Linear(3, 4, device="meta"))
-    assert certify.prove(meta, certify.SiteLayers(("0",), None, False), 4) is None  # not materialised
+    assert certify.prove(meta, around(("0",)), 4) is None  # not materialised
 
 
 def test_prove_nonnegative_rule_needs_nonnegative_inputs():
@@ -184,12 +190,12 @@ def test_prove_nonnegative_rule_needs_nonnegative_inputs():
     with torch.no_grad():
         lin[0].weight.copy_(torch.tensor([[-1.0, -2.0, 0.0], [-1.0, 1.0, 0.0]]))
         lin[0].bias.fill_(-0.1)
-    assert certify.prove(lin, certify.SiteLayers(("0",), None, True), 2).units == [0]
-    assert certify.prove(lin, certify.SiteLayers(("0",), None, False), 2).units == []
+    assert certify.prove(lin, around(("0",), nonneg=True), 2).units == [0]
+    assert certify.prove(lin, around(("0",)), 2).units == []
     with torch.no_grad():
         lin[0].weight.copy_(torch.tensor([[-float("inf"), -1.0, 0.0], [0.0, 0.0, 0.0]]))  # -inf * 0 is NaN
         lin[0].bias.copy_(torch.tensor([-1.0, 0.5]))                                    # zero row, bias > 0
-    assert certify.prove(lin, certify.SiteLayers(("0",), None, True), 2).units == []
+    assert certify.prove(lin, around(("0",), nonneg=True), 2).units == []
 
 
 def test_hf_conv1d_rows():
@@ -199,7 +205,7 @@ def test_hf_conv1d_rows():
     with torch.no_grad():
         conv.weight[:, 4] = 0.0
         conv.bias[4] = -1.0
-    assert certify.prove(holder, certify.SiteLayers(("0",), None, False), 6).units == [4]
+    assert certify.prove(holder, around(("0",)), 6).units == [4]
 
 
 def test_annotate_requires_dead_on_the_data():
@@ -208,7 +214,7 @@ def test_annotate_requires_dead_on_the_data():
         lin[0].weight[[0, 1]] = 0.0
         lin[0].bias[[0, 1]] = -1.0
     layer = LayerReport("s", "ReLU", 4, [1], 0.25, 0.5, 10, "warn")
-    certify.annotate(Report(1, 1, [layer]), lin, {"s": certify.SiteLayers(("0",), None, False)}, {"s": "ReLU"})
+    certify.annotate(Report(1, 1, [layer]), lin, {"s": around(("0",))}, {"s": "ReLU"})
     assert layer.certified_units == [1]       # 0 is proved but was not dead on the forwards seen: not certified
 
 

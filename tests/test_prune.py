@@ -94,8 +94,8 @@ def test_prune_skips_residual_and_output_sites_with_reasons():
     x = torch.randn(2, 3, 6, 6)
     result = deadwatch.prune(net, {"relu#0": [1], "relu#1": [2], "nowhere": [0]}, x)
     assert result.removed == {}
-    assert "without a layer between (a residual add)" in result.skipped["relu#0"]
-    assert "its layers are not known" in result.skipped["relu#1"]
+    assert result.skipped["relu#0"] == "its output is added to another tensor (a residual add)"
+    assert result.skipped["relu#1"] == "its input is a sum of tensors (a residual add)"
     assert "no such site" in result.skipped["nowhere"]
     assert result.params_after == result.params_before and result.max_difference == 0.0
 
@@ -103,25 +103,34 @@ def test_prune_skips_residual_and_output_sites_with_reasons():
 def test_prune_group_guards():
     """The Torch-Pruning group itself is checked: a channel shared with another producer, units that are the
     model's output, every unit of a layer."""
-    from deadwatch import certify, pruning
+    from deadwatch import pruning
+    from test_certify import around
     import torch_pruning as tp
 
     net = Residual().eval()
     x = torch.randn(2, 3, 6, 6)
     graph = tp.DependencyGraph().build_dependency(net, example_inputs=(x,))
-    _, why = pruning._group(tp, graph, net, certify.SiteLayers(("c1",), "b1", False), [1])
+    _, why = pruning._group(tp, graph, net, around(("c1",), "b1"), [1])
     assert "shared with ['b2', 'c2']" in why
     out = nn.Sequential(nn.Linear(3, 4), nn.ReLU()).eval()
     graph = tp.DependencyGraph().build_dependency(out, example_inputs=(torch.randn(2, 3),))
-    _, why = pruning._group(tp, graph, out, certify.SiteLayers(("0",), None, False), [1])
+    _, why = pruning._group(tp, graph, out, around(("0",)), [1])
     assert why == "no layer reads its units (they are the model's output)"
-    _, why = pruning._group(tp, graph, out, certify.SiteLayers(("0",), None, False), [0, 1, 2, 3])
+    _, why = pruning._group(tp, graph, out, around(("0",)), [0, 1, 2, 3])
     assert "every unit of the site is dead" in why
     odd = nn.Sequential(nn.ConvTranspose2d(2, 2, 3))
-    why = pruning._unprunable("s", {"s": certify.SiteLayers(("0",), None, False)}, {}, odd, [0])
+    why = pruning._unprunable("s", {"s": around(("0",))}, odd)
     assert "is a ConvTranspose2d, not a Linear or Conv" in why
-    why = pruning._unprunable("s", {"s": certify.SiteLayers(("0", "1"), None, False)}, {}, odd, [0])
+    why = pruning._unprunable("s", {"s": around(("0", "1"))}, odd)
     assert "several layers" in why
+    why = pruning._unprunable("s", {"s": around(("0",), repeated=("0",))}, odd)
+    assert why == "['0'] are used more than once per forward (shared or tied weights)"
+    chain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    graph = tp.DependencyGraph().build_dependency(chain, example_inputs=(torch.randn(2, 3),))
+    group, why = pruning._group(tp, graph, chain, around(("0",), consumers=("2",)), [1])
+    assert why is None and group is not None
+    _, why = pruning._group(tp, graph, chain, around(("0",), consumers=("elsewhere",)), [1])
+    assert why == "Torch-Pruning finds ['2'] reading its units, the site map ['elsewhere']"
 
 
 def test_prune_select_dead_warns_and_bad_arguments():
