@@ -105,6 +105,11 @@ def test_scan_counts_every_forward_and_batch_forms():
         deadwatch.scan(net, [3])
     with pytest.raises(deadwatch.DeadwatchError, match="yielded no batch"):
         deadwatch.scan(net, [])
+    net[0].requires_grad_(False)
+    with pytest.raises(RuntimeError):                  # the first forward fails: the model is still restored
+        deadwatch.scan(net, [torch.randn(5, 3)])
+    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]
+    assert not any(m._forward_hooks for m in net.modules())
 
 
 def mlp_planted():

@@ -213,12 +213,15 @@ def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, saved):
     folder.mkdir()
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor)
+    mixed = tmp_path / "mixed.pt"
+    torch.save({"epoch": 3, "weights": checkmodels.build().state_dict()}, mixed)
     cases = [
         ([tmp_path / "missing.pt"], "no such file or folder"),
         ([garbage], "cannot read"),
         ([text], "unsupported file type '.txt'"),
         ([folder], "without config.json"),
         ([tensor], "holds a Tensor, not a state dict"),
+        ([mixed], "holds a dict, not a state dict (name -> tensor)"),
         ([saved, "--model", "nomodule_here:build"], "cannot import it"),
         ([saved, "--model", "checkmodels"], "must be MODULE:CALLABLE"),
         ([saved, "--model", "checkmodels:not_a_module"], "returned a str, not a torch.nn.Module"),
@@ -249,6 +252,9 @@ def test_input_shape(capsys, tmp_path):
 
     with pytest.raises(CheckError, match="pass --input-shape"):
         example_input(NoHint(), None)
+    recurrent = torch.nn.Sequential(torch.nn.GRU(4, 8), torch.nn.Linear(8, 2))
+    with pytest.raises(CheckError, match="pass --input-shape"):   # not from a later layer: it reads other shapes
+        example_input(recurrent, None)
     assert example_input(NoHint(), (2, 5)).shape == (2, 5)
     assert example_input(torch.nn.Sequential(torch.nn.Embedding(7, 3)), None).dtype == torch.long
     assert example_input(torch.nn.Sequential(torch.nn.Conv1d(4, 2, 3)), None).shape == (2, 4, 32)

@@ -123,6 +123,10 @@ def test_prune_group_guards():
     assert "is a ConvTranspose2d, not a Linear or Conv" in why
     why = pruning._unprunable("s", {"s": around(("0", "1"))}, odd)
     assert "several layers" in why
+    why = pruning._unprunable("s", {"s": around((), why="it first ran without an autograd graph")}, odd)
+    assert why == "its layers are not known: it first ran without an autograd graph"
+    why = pruning._unprunable("s", {"s": around(("0",), why="partial")}, odd)
+    assert why == "its layers are not known: partial"
     why = pruning._unprunable("s", {"s": around(("0",), repeated=("0",))}, odd)
     assert why == "['0'] are used more than once per forward (shared or tied weights)"
     chain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
