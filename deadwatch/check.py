@@ -50,8 +50,16 @@ def scan(model: nn.Module, batches: Iterable[Any], config: Config | str | os.Pat
     list whose first item is the input (the rest, labels, are not passed). The model is left as it was:
     its buffers (BatchNorm running statistics) are restored and every hook is removed. The first batch
     runs with gradients on (its autograd graph shows the layers around each site); no backward runs."""
+    return scanned(model, batches, config, **overrides)[0]
+
+
+def scanned(model: nn.Module, batches: Iterable[Any], config: Any = None, forward: Any = None,
+            **overrides: Any) -> tuple[Report, dict[str, Any]]:
+    """scan()'s report and the site map (Monitor.site_layers()); `forward(model, monitor, batch)` runs
+    one batch (default: as scan() describes)."""
     from .monitor import Monitor
 
+    forward = forward or _forward
     overrides.setdefault("reporters", [])
     overrides.setdefault("count_eval", True)
     if config is None:
@@ -64,11 +72,11 @@ def scan(model: nn.Module, batches: Iterable[Any], config: Config | str | os.Pat
     failed = True
     try:
         for i, batch in enumerate(batches):
-            if i == 0:
+            if i == 0:  # a graph for the site map, also through frozen layers
                 for p, _ in grads:
                     p.requires_grad_(p.is_floating_point())
             with torch.enable_grad() if i == 0 else torch.no_grad():
-                _forward(model, monitor, batch)
+                forward(model, monitor, batch)
             if i == 0:
                 for p, wanted in grads:
                     p.requires_grad_(wanted)
@@ -77,7 +85,7 @@ def scan(model: nn.Module, batches: Iterable[Any], config: Config | str | os.Pat
             raise DeadwatchError("scan(): `batches` yielded no batch")
         report = monitor.report()
         failed = False
-        return report
+        return report, monitor.site_layers()
     finally:
         with warnings.catch_warnings():
             if failed:  # the scan's own error says what went wrong: no warning that nothing was judged

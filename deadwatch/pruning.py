@@ -102,8 +102,8 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, Mapping) else model(*inputs)
 
 
-def _run(model: nn.Module, inputs: Any, grad: bool = False) -> list[torch.Tensor]:
-    with torch.set_grad_enabled(grad):
+def _run(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    with torch.no_grad():
         return _outputs(_call(model, inputs))
 
 
@@ -119,23 +119,10 @@ def _count(tp: Any, model: nn.Module, inputs: Any) -> tuple[float, int]:
 
 
 def _layers(model: nn.Module, inputs: Any) -> dict[str, SiteLayers]:
-    """The site map of `model`, traced by one forward under a monitor."""
-    from .monitor import Monitor
+    """The site map of `model`, traced by one forward of the example inputs (model left as it was)."""
+    from .check import scanned
 
-    monitor = Monitor(model, reporters=[], count_eval=True)
-    try:
-        grads = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in grads:
-            p.requires_grad_(p.is_floating_point())
-        try:
-            _run(model, inputs, grad=True)  # the autograd graph shows the layers around each site
-        finally:
-            for p, wanted in grads:
-                p.requires_grad_(wanted)
-        monitor.step()
-        return monitor.site_layers()
-    finally:
-        monitor.close()
+    return scanned(model, [inputs], forward=lambda m, _, batch: _call(m, batch))[1]
 
 
 def prune(model: nn.Module, units: Report | Mapping[str, Any], example_inputs: Any, select: str = "certified"
