@@ -65,6 +65,7 @@ class Monitor:
         self._reported_step = 0            # step of the last periodic report
         self._recycler: Any = None         # recycle.Recycler, made at the first recycling
         self._closed = False
+        self._scan = False                 # deadwatch.scan(): no training, so certificates need no optimizer check
         self._warned_no_step = False
         self._resumed = False              # load_state_dict() was called: the run log marks the run resumed
         self._strict_pending = False       # load_state_dict(strict=True): unmatched sites raise at the next report
@@ -178,6 +179,7 @@ class Monitor:
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
         report = analysis.Report(step=self.steps, window=self.config.window, layers=layers)
         self._explain(report, figures, local=same)
+        self._certify(report)
         return report
 
     def state_dict(self) -> dict[str, Any]:
@@ -286,6 +288,12 @@ class Monitor:
         why = self._capture.unwatched()
         if why is not None:
             warnings.warn(f"deadwatch: {why}", RuntimeWarning, stacklevel=3)
+
+    def _certify(self, report: analysis.Report) -> None:
+        """Certified units: dead for every input, from the weights (and, training, the optimizer)."""
+        from . import certify
+        layers, kinds = certify.site_map(self)
+        certify.annotate(report, self._capture.model, layers, kinds, self.optimizer, training=not self._scan)
 
     def _final_report_after(self, error: BaseException) -> None:
         try:

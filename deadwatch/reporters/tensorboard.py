@@ -31,7 +31,7 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 
 from ..analysis import IDLE, NONFINITE, Report
 from ..config import Config
-from .console import count_cell, dead_cell, died_text, flag_lines, has_verdicts, headline, percent
+from .console import certified_lines, count_cell, dead_cell, died_text, flag_lines, has_verdicts, headline, percent
 
 HEATMAP_COLUMNS = 200   # reports kept in the heatmap (the latest)
 CELL_H, CELL_W = 12, 6  # pixels per site row and per report column
@@ -158,7 +158,8 @@ def markdown(report: Report) -> str:
                  f"| {percent(layer.zero_fraction)} | {layer.status} |" for layer in report.layers]
     hints = [f"- **{layer.name}**: {layer.hint}" + (f" ({died_text(layer)})" if died_text(layer) else "")
              for layer in report.flagged]
-    hints += [f"- **{line.plain.split(': ', 1)[0]}**: {line.plain.split(': ', 1)[1]}" for line in flag_lines(report)]
+    hints += [f"- **{line.plain.split(': ', 1)[0]}**: {line.plain.split(': ', 1)[1]}"
+              for line in flag_lines(report) + certified_lines(report)]
     idle = [layer.name for layer in report.layers if layer.status == IDLE]
     if idle:
         hints.append(f"- idle (no counted forward in the window, not judged): {', '.join(idle)}")
