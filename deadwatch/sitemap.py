@@ -16,7 +16,8 @@ For each watched site, a frozen `SiteLayers` says (module paths, as in model.nam
                      sum: a residual add; their output is added to or concatenated with other tensors),
                      else None.
   why                why the layers could not be mapped, else None; then the fields above may be empty
-                     or partial (the producer of a site that ran without a graph in an nn.Sequential).
+                     or partial (a site that first ran without a graph: its producer, from its
+                     nn.Sequential or from a reentrant checkpoint's recomputation in backward).
   repeated           of the layers above, those whose parameters are used more than once per forward
                      (one module called several times, tied weights).
 
@@ -33,7 +34,9 @@ forward in which sites were found, with the graph of that forward:
   send 0 to 0 unit by unit (views, dropout, scaling, pooling, a product with another layer's output),
   to every layer reading the units. Anything else met on the way (an add, a concatenation, another op,
   the forward's own output) is named in `coupled` or `why`.
-No reference to the graph is kept afterwards. Nothing here runs in the hook path.
+A site first seen without a graph is also handed over (`recomputed`) if a reentrant checkpoint
+recomputes it in backward, once. No reference to the graph is kept afterwards. The hook path only
+keeps a reference (`found`); the walks run once per site, when its forward returns.
 """
 
 from __future__ import annotations
