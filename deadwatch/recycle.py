@@ -75,10 +75,12 @@ class Skip(Exception):
     """A site that is not recycled, and why."""
 
 
-def plan(model: nn.Module, around: SiteLayers, units: int, occurrences: dict[int, int]) -> Plan:
-    """The layers a site's units touch, or Skip saying why they cannot be recycled exactly."""
+def plan(model: nn.Module, around: SiteLayers, units: int, occurrences: dict[int, int],
+         sharded: str | None = None) -> Plan:
+    """The layers a site's units touch, or Skip saying why they cannot be recycled exactly. `sharded`: a
+    sharded parameter of the model (FSDP), whose layers the graph shows under other tensors."""
     if around.why is not None:
-        raise Skip(around.why)
+        raise Skip(f"{sharded} is sharded (FSDP?): its layers cannot be mapped or reset here" if sharded else around.why)
     if around.coupled is not None:
         raise Skip(f"{around.coupled}: its channels are coupled to other tensors, so new rows would change them")
     if around.repeated:
@@ -297,6 +299,7 @@ class Recycler:
                 raise KeyError(f"deadwatch: recycle(sites=...): no site {unknown[0]!r}; sites: {', '.join(layers)}")
         model = self.capture.model
         shared = occurrences(model)
+        sharded = next((n for n, p in model.named_parameters() if type(p.data) is not torch.Tensor), None)
         todo: dict[str, tuple[Plan | None, list[int], Any]] = {}   # name -> (plan, units, new rows or why)
         for name in wanted:
             units = chosen(layers[name], which, max_fraction)
@@ -307,7 +310,7 @@ class Recycler:
                 todo[name] = (None, units, "it has not run in this process")
                 continue
             try:
-                p = plan(model, self.sitemap.get(key, name_of), site.units, shared)
+                p = plan(model, self.sitemap.get(key, name_of), site.units, shared, sharded)
                 todo[name] = (p, units, draw(model, p, units, step, name))
             except Skip as e:
                 todo[name] = (None, units, str(e))

@@ -145,8 +145,10 @@ def _twice(s, x):
     (lambda s, x: s.act(s.fc(x)), {}, "act", "why", "the forward of the model returns it without a layer reading it"),
     (lambda s, x: s.out(s.act(s.fc(x)).softmax(-1)), {}, "act", "why",
      "its output goes through a Softmax op before any layer reads it"),
+    (lambda s, x: s.out(torch.ones(()) / s.act(s.fc(x))), {}, "act", "why",
+     "its output goes through a Div op before any layer reads it"),
     (lambda s, x: s.out(s.norm(s.act(s.fc(x)))), {"norm": nn.BatchNorm1d(16)}, "act", "why",
-     "'norm' (BatchNorm1d) reads it: only Linear, Conv and HF Conv1D layers reading it alone are mapped"),
+     "'norm' (BatchNorm1d) reads it: only Linear, Conv and HF Conv1D layers are mapped"),
     (lambda s, x: s.out(s.act2(s.fc2(x)) + 0 * s.act(s.fc(x)).detach()), {"fc2": nn.Linear(16, 16),
      "act2": nn.ReLU()}, "act", "why", "its output does not reach what the forward of the model returned"),
     (_deep, {}, "act", "why", "no layer found near it in the autograd graph"),
@@ -194,6 +196,31 @@ def test_without_a_graph_only_an_nn_sequential_tells_the_producer():
     free = Net(lambda s, x: s.out(s.act(s.fc(x))), fc=nn.Linear(16, 16), act=nn.ReLU(), out=nn.Linear(16, 2))
     with torch.no_grad():
         assert site_layers(free, X) == {"act": SiteLayers(why=why)}   # no order to rely on: nothing guessed
+
+
+class Checkpointed(nn.Module):
+    """A block under a reentrant checkpoint: its forward runs without a graph, its recomputation with one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc, self.act, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
+
+    def block(self, x):
+        return F.gelu(self.act(self.fc(x)))
+
+    def forward(self, x):
+        return self.out(torch.utils.checkpoint.checkpoint(self.block, self.stem(x), use_reentrant=True))
+
+
+def test_a_reentrant_checkpoint_tells_the_producer_when_it_recomputes():
+    net = Checkpointed()
+    with deadwatch.watch(net, reporters=[]) as monitor:
+        net(X).sum().backward()
+        monitor.step()
+        got = monitor.site_layers()
+    why = "it first ran without an autograd graph (under no_grad, or in a reentrant checkpoint)"
+    assert got == {"act": SiteLayers(producers=("fc",), why=why), "gelu#0": SiteLayers(why=why)}
+    assert got["act"].shift(net) == (net.fc.bias, "fc.bias")
 
 
 class Extra(nn.Module):
