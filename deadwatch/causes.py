@@ -26,11 +26,12 @@ from typing import Any, Sequence
 import numpy as np
 
 SPIKE_FACTOR = 2.0    # a rate at least this many times the highest the run had used before is a jump
-SPIKE_AFTER = 5       # deaths up to this many steps after the jump ended count for it
+SPIKE_AFTER = 20      # deaths up to this many steps after the jump ended count for it: momentum (0.9)
+                      # carries its updates on, 0.9**20 = 0.12
 BIAS_GAP = 3.0        # dead units' median bias this many live spreads below the live median
 DEAD_INPUT = 0.5      # a feeding site with at least this dead fraction starves this one
 UPDATE_USUAL = 1e-3   # the usual ||dW|| / ||W|| of one optimizer step (Adam or SGD at a sane rate)
-UPDATE_LARGE = 1e-2   # ten times that: updates large enough to push a layer's units off in a few steps
+UPDATE_LARGE = 2e-2   # twenty times that: updates that push a layer's units off within a few steps
 UPDATE_AROUND = 5     # deaths this many steps either side of a large update count for it
 HEADLINE = 0.5        # the top cause headlines the hint when it explains at least this share of dead units
 
@@ -194,13 +195,16 @@ def _lr_spike(ev: Evidence) -> Cause | None:
 
 def _large_update(ev: Evidence) -> Cause | None:
     """Deaths within UPDATE_AROUND steps of a measured update of the producer's weight with
-    ||dW|| / ||W|| >= UPDATE_LARGE."""
+    ||dW|| / ||W|| >= UPDATE_LARGE. Updates made large by a learning-rate jump are the jump's story
+    (lr_spike): measurements from the step before a jump to SPIKE_AFTER steps after it ended are left out."""
     died = _died(ev)
     ratios = np.asarray(ev.update_ratios, dtype=float)
     if not died.size or not ratios.size:
         return None
     spans = np.asarray(ev.update_spans, dtype=int).reshape(-1, 2)
     large = np.isfinite(ratios) & (ratios >= UPDATE_LARGE)
+    for step, end, _ in spikes(ev.lr_changes):
+        large &= ~((spans[:, 0] <= (end if end >= 0 else step) + SPIKE_AFTER) & (spans[:, 1] >= step - 1))
     if not large.any():
         return None
     near = np.array([bool(np.any(large & (spans[:, 0] <= d + UPDATE_AROUND) & (spans[:, 1] >= d - UPDATE_AROUND)))

@@ -99,7 +99,7 @@ def test_a_learning_rate_spike_names_lr_spike_at_its_step():
     assert layer.status == "critical"
     assert layer.causes[0].code == "lr_spike"
     assert "x200 at step 30" in layer.causes[0].evidence
-    assert layer.hint.startswith("lr_spike (score 0.9")
+    assert layer.hint.startswith(f"lr_spike (score {layer.causes[0].score:.2f}, ")
     assert f"{layer.causes[0].units} of {len(layer.dead_units)} dead units): learning rate x200 at step 30" in layer.hint
 
 
@@ -169,3 +169,132 @@ def test_without_a_graph_the_bias_comes_from_the_layers_around():
     layer = monitor.report().layer("1")
     assert layer.dead_units[:8] == list(range(8))
     assert layer.causes[0].code == "negative_bias" and "0.bias" in layer.causes[0].evidence
+
+
+# ---- learning-rate schedules are no spikes; a real jump is, at its step -------------------------------
+
+def _rates_of(make_scheduler, steps, lr=0.1, sched_first=False):
+    """The learning-rate history a monitor records for a real torch scheduler over `steps` steps."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    sched = make_scheduler(opt)
+    with deadwatch.watch(net, reporters=[], optimizer=opt, report_every=1000) as monitor:
+        for _ in range(steps):
+            net(torch.ones(1, 2))
+            opt.step()
+            if sched_first:
+                sched.step()
+                monitor.step()
+            else:
+                monitor.step()
+                sched.step()
+    return monitor._lr_changes
+
+
+def _warmup_cosine(opt, warmup=50, total=400):
+    import math
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / warmup if s < warmup else
+                                             0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+
+
+SCHEDULES = {
+    "warmup_from_0_then_cosine": lambda opt: _warmup_cosine(opt),
+    "short_warmup_from_0": lambda opt: _warmup_cosine(opt, warmup=5),
+    "warmup_from_1e-7": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1e-6 + s / 100, 1.0)),
+    "one_cycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.5, total_steps=401),
+    "linear_warmup_LinearLR": lambda opt: torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=20),
+    "step_decay": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.3),
+    "warm_restarts": lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=40),
+    "exponential_warmup": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.1 ** s / 1.1 ** 60, 1.0)),
+}
+
+
+@pytest.mark.parametrize("sched_first", [False, True], ids=["monitor_first", "sched_first"])
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedules_are_no_spikes(name, sched_first):
+    from deadwatch.causes import spikes
+    changes = _rates_of(SCHEDULES[name], 400, sched_first=sched_first)
+    assert len(changes) > 5, "the schedule did not move the rate: the test proves nothing"
+    assert spikes(changes) == []
+    # every death of the run (any unit, any step) is then free of spike blame
+    ev = Evidence(dead_units=list(range(20)), last_fired=list(range(2, 400, 20)), lr_changes=changes)
+    assert "lr_spike" not in codes(explain(ev))
+
+
+@pytest.mark.parametrize("sched_first", [False, True], ids=["monitor_first", "sched_first"])
+def test_a_x50_jump_at_step_150_is_a_spike_at_150_in_either_order(sched_first):
+    """The 150th optimizer step runs with 50 times the rate: whether the loop steps the scheduler before
+    or after monitor.step() (the HF Trainer steps it before), the jump is at step 150."""
+    from deadwatch.causes import spikes
+    changes = _rates_of(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 50.0 if s >= 149 else 1.0),
+                        200, sched_first=sched_first)
+    assert [(step, round(factor)) for step, _, factor in spikes(changes)] == [(150, 50)]
+
+
+def test_a_jump_during_a_warmup_is_still_a_spike():
+    from deadwatch.causes import spikes
+    changes = [(s, (0.001 * s,)) for s in range(1, 40)] + [(40, (2.0,)), (41, (0.041,))]
+    assert [(s, e) for s, e, _ in spikes(changes)] == [(40, 40)]
+
+
+def test_each_spike_condition_is_needed():
+    """Guards of spikes(): the rate must be SPIKE_FACTOR above every earlier rate (a return to an earlier
+    peak is none), and its rise apart from the rises into the step before and after (a ramp is none)."""
+    from deadwatch.causes import spikes
+    back_to_peak = [(1, (1.0,)), (10, (0.01,)), (11, (1.0,))]
+    assert spikes(back_to_peak) == []
+    ramp_then_more = [(1, (0.1,)), (2, (0.3,)), (3, (0.5,))]   # x3 at step 2, but step 3 rises as much
+    assert spikes(ramp_then_more) == []
+    ramp_before = [(1, (0.1,)), (2, (0.2,)), (3, (0.9,))]       # x4.5 at step 3, rising 7x more than before
+    assert [s for s, _, _ in spikes(ramp_before)] == [3]
+    steady_before = [(1, (0.1,)), (2, (0.3,)), (3, (0.5,)), (4, (0.7,))]
+    assert spikes(steady_before) == []
+    assert spikes([(1, (0.0,)), (2, (0.1,))]) == []            # from 0: no earlier rate to compare with
+
+
+def test_a_real_x50_jump_at_step_150_names_lr_spike_at_150():
+    """Steps 150-152 run at 50 times the rate, on labels the net cannot fit (so gradients stay large):
+    units die over the next 20 steps (momentum carries the jump on)."""
+    net, (x, _) = _net(), _data()
+    y = torch.randint(0, 4, (len(x),), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 50.0 if 149 <= s < 152 else 1.0)
+    with deadwatch.watch(net, reporters=[], window=20, report_every=1000, optimizer=opt) as monitor:
+        for _ in range(200):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()   # before monitor.step(), as the HF Trainer does
+            monitor.step()
+    layer = monitor.report().layer("3")
+    assert layer.status == "critical"
+    assert layer.causes[0].code == "lr_spike"
+    assert "x50 at step 150" in layer.causes[0].evidence
+    assert layer.hint.startswith("lr_spike (score 1.00, ")
+    assert "large_update" not in codes(layer.causes), "the jump's large updates are the jump's story"
+
+
+def test_warmup_and_cosine_with_biases_pushed_down_name_negative_bias_not_a_spike():
+    """The issue's scenario: linear warm-up over 50 steps then cosine; at step 200 the biases of half of
+    layer 2's units are pushed far down. The warm-up doubles the rate at its start: no spike."""
+    net, (x, y) = _net(), _data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sched = _warmup_cosine(opt, warmup=50, total=260)
+    with deadwatch.watch(net, reporters=[], window=20, report_every=1000, optimizer=opt) as monitor:
+        for step in range(1, 251):
+            if step == 200:
+                with torch.no_grad():
+                    net[2].bias[:32] -= 50.0
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step()
+            sched.step()
+    layer = monitor.report().layer("3")
+    assert set(range(32)) <= set(layer.dead_units)
+    assert codes(layer.causes)[0] == "negative_bias", layer.causes
+    assert "lr_spike" not in codes(layer.causes)
+    assert "large_update" not in codes(layer.causes)
+    assert layer.hint.startswith(f"negative_bias (score {32 / len(layer.dead_units):.2f}, 32 of {len(layer.dead_units)} dead units): 2.bias")
