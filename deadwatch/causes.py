@@ -59,15 +59,12 @@ class Cause:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def share(self) -> str:
-        """'82 of 84' (the score alone for causes read from run logs written before the counts)."""
-        return f"{self.units} of {self.dead}" if self.dead else f"{100 * self.score:.0f}%"
-
     def hint(self) -> str:
-        """'lr_spike (score 0.95, 54 of 57 dead units): <evidence>. Try: <remedy>'"""
+        """'lr_spike (score 0.95, 54 of 57 dead units): <evidence>. Try: <remedy>' (run logs written before
+        the counts: the score alone)."""
         remedy = REMEDIES.get(self.code)
-        return f"{self.code} (score {self.score:.2f}, {self.share()} dead units): {self.evidence}" + \
-            (f". Try: {remedy}" if remedy else "")
+        share = f", {self.units} of {self.dead} dead units" if self.dead else ""
+        return f"{self.code} (score {self.score:.2f}{share}): {self.evidence}" + (f". Try: {remedy}" if remedy else "")
 
 
 @dataclass

@@ -150,8 +150,20 @@ def test_causes_travel_in_the_run_log_and_the_summary(tmp_path, capsys):
         _train(net, opt, 20, monitor, x, y)
     last = runlog.read(str(tmp_path)).last.layer("1")
     assert last.causes == monitor.report().layer("1").causes
+    assert last.causes[0].units == len(last.dead_units) and last.causes[0].dead == len(last.dead_units)
     assert cli.main(["summary", str(tmp_path)]) == 0
-    assert "dead_from_start (" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # rich folds long lines
+    assert f"dead_from_start (score 1.00, {len(last.dead_units)} of {len(last.dead_units)} dead units)" in out
+
+
+def test_a_cause_from_a_run_log_written_before_the_counts_shows_its_score():
+    from deadwatch.analysis import Report
+    d = {"step": 1, "window": 1, "layers": [{
+        "name": "fc", "kind": "ReLU", "units": 4, "dead_units": [0, 1], "dead_fraction": 0.5, "zero_fraction": 0.5,
+        "observations": 4, "status": "critical",
+        "causes": [{"code": "negative_bias", "score": 0.5, "evidence": "fc.bias: ..."}]}]}
+    layer = Report.from_dict(d).layer("fc")
+    assert layer.hint.startswith("negative_bias (score 0.50): fc.bias")
 
 
 @pytest.mark.xfail(strict=True, reason="without a graph the producer comes from issue 16's site map (not merged yet)")
@@ -298,3 +310,147 @@ def test_warmup_and_cosine_with_biases_pushed_down_name_negative_bias_not_a_spik
     assert "lr_spike" not in codes(layer.causes)
     assert "large_update" not in codes(layer.causes)
     assert layer.hint.startswith(f"negative_bias (score {32 / len(layer.dead_units):.2f}, 32 of {len(layer.dead_units)} dead units): 2.bias")
+
+
+# ---- the bias evidence comes from the right parameter ---------------------------------------------
+
+def test_batchnorm_bias_kills_name_the_batchnorm_bias():
+    """Linear(bias=False) -> BatchNorm1d -> ReLU (a ResNet's layout): the units' shift is the norm's bias,
+    not its weight (the first per-unit parameter in the graph) nor any other layer's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+    (x, y) = _data()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with deadwatch.watch(net, reporters=[], window=10, optimizer=opt) as monitor:
+        for step in range(1, 31):
+            if step == 15:
+                with torch.no_grad():
+                    net[1].bias[:16] = -5.0   # 5 standard deviations below: never fires
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step()
+    layer = monitor.report().layer("2")
+    assert set(range(16)) <= set(layer.dead_units)
+    top = layer.causes[0]
+    assert top.code == "negative_bias"
+    assert top.evidence.startswith("1.bias: median -5") and "1.weight" not in top.evidence
+    assert top.units == 16
+
+
+def test_a_producer_without_bias_gives_no_bias_evidence():
+    """Units of layer 3 (Linear(bias=False)) killed by weight rows that only see negative values; layer 1's
+    bias has as many values as layer 3 has units and is planted low: it must not be borrowed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 4))
+    x, y = _data(nonnegative=True)
+    with torch.no_grad():
+        net[0].bias[:8] = -50.0                  # dead in site "1": a low bias there, and only there
+        net[2].weight[:8] = -net[2].weight[:8].abs() - 0.5
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    with deadwatch.watch(net, reporters=[], window=10, optimizer=opt) as monitor:
+        _train(net, opt, 20, monitor, x, y)
+    report = monitor.report()
+    assert report.layer("1").causes[0].code == "negative_bias"   # the planted bias is found where it is
+    layer = report.layer("3")
+    assert set(range(8)) <= set(layer.dead_units)
+    assert "negative_bias" not in codes(layer.causes)
+    assert all("bias" not in c.evidence for c in layer.causes), layer.causes
+    assert layer.causes[0].code == "dead_from_start"
+
+
+# ---- the large-update cause ---------------------------------------------------------------------------
+
+def test_large_updates_around_the_deaths_name_large_update():
+    ev = Evidence(dead_units=[0, 1, 2, 3], last_fired=[44, 46, 52, 130, 300, 300],
+                  update_layer="fc.weight", update_spans=[(1, 10), (41, 50), (51, 60), (121, 130)],
+                  update_ratios=[0.001, 0.08, 0.03, 0.002])
+    causes = explain(ev)
+    assert codes(causes) == ["large_update"]
+    assert (causes[0].units, causes[0].dead) == (3, 4)
+    assert "fc.weight" in causes[0].evidence and "0.08" in causes[0].evidence and "44–52" in causes[0].evidence
+
+
+def test_each_large_update_guard():
+    """Ordinary updates, large updates far from the deaths, and large updates inside a learning-rate jump
+    (the jump's story) explain nothing."""
+    base = dict(dead_units=[0], last_fired=[45, 300], update_layer="fc.weight", update_spans=[(41, 50), (191, 200)])
+    assert explain(Evidence(**base, update_ratios=[0.019, 0.5])) == []        # below UPDATE_LARGE at the death
+    assert codes(explain(Evidence(**base, update_ratios=[0.02, 0.001]))) == ["large_update"]  # from UPDATE_LARGE
+    far = dict(base, last_fired=[120, 300])
+    assert explain(Evidence(**far, update_ratios=[0.5, 0.5])) == []           # large, but 70 steps away
+    spiked = Evidence(**base, update_ratios=[0.5, 0.001], lr_changes=[(1, (0.01,)), (44, (1.0,)), (46, (0.01,))])
+    assert codes(explain(spiked)) == ["lr_spike"]
+
+
+def test_the_demos_dying_run_names_large_update_with_its_evidence():
+    from deadwatch import demo
+    x, y, _ = demo.load_data()
+    report = demo.train("dying", demo.dying, x, y, None)
+    layer = report.layer("act2")
+    assert layer.status == "critical"
+    top = layer.causes[0]
+    assert top.code == "large_update" and top.score >= 0.9
+    assert top.evidence.startswith("hidden2.weight: updates ||dW||/||W|| up to ")
+    assert layer.hint.startswith(f"large_update (score {top.score:.2f}, {top.units} of {len(layer.dead_units)} dead")
+
+
+def test_a_healthy_run_shows_no_cause_anywhere():
+    from deadwatch import demo
+    from deadwatch.causes import REMEDIES
+    from deadwatch.reporters.console import render
+    from deadwatch.reporters.tensorboard import markdown
+    x, y, _ = demo.load_data()
+    report = demo.train("healthy", demo.healthy, x, y, None)
+    assert not report.flagged
+    assert all(layer.causes == [] and layer.hint is None for layer in report.layers)
+    import io
+
+    from rich.console import Console
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(render(report))
+    text = markdown(report) + console.file.getvalue()
+    assert "act2" in text
+    assert not any(code in text for code in REMEDIES) and "init" not in text
+
+
+# ---- what the hint shows ------------------------------------------------------------------------------
+
+def _critical(causes_):
+    from deadwatch.analysis import LayerReport
+    return LayerReport(name="fc", kind="ReLU", units=100, dead_units=list(range(84)), dead_fraction=0.84,
+                       zero_fraction=0.9, observations=10, status="critical", causes=causes_)
+
+
+def test_a_cause_explaining_2_of_84_does_not_headline():
+    """82 of 84 dead units died at steps 1-66 with no evidence the rules read; 2 never fired."""
+    from deadwatch.analysis import HINTS
+    ev = Evidence(dead_units=list(range(84)), last_fired=[-1, -1] + list(range(1, 67)) + [66] * 16 + [90] * 16)
+    causes = explain(ev)
+    assert [(c.code, c.units, c.dead) for c in causes] == [("dead_from_start", 2, 84)]
+    assert _critical(causes).hint == HINTS["critical"]
+
+
+def test_the_headline_threshold_is_half_of_the_dead_units():
+    from deadwatch.analysis import HINTS
+    from deadwatch.causes import Cause
+    half = Cause("negative_bias", 42 / 84, "fc.bias: ...", units=42, dead=84)
+    assert _critical([half]).hint.startswith("negative_bias (score 0.50, 42 of 84 dead units): fc.bias")
+    less = Cause("negative_bias", 41 / 84, "fc.bias: ...", units=41, dead=84)
+    assert _critical([less]).hint == HINTS["critical"]
+
+
+def test_no_cause_text_on_sites_not_flagged():
+    from deadwatch.causes import Cause
+    layer = _critical([Cause("negative_bias", 1.0, "fc.bias: ...", units=84, dead=84)])
+    layer.status = "ok"
+    assert layer.hint is None
+
+
+def test_a_zero_score_cause_is_never_listed():
+    """The dead units' median bias is far below the live median, but no dead unit's bias is below every
+    live unit's: negative_bias explains none of them, and says nothing."""
+    bias = np.array([-5.0, -6.0, 0.0, 0.0, 0.0, 0.0, 0.01, -10.0])
+    ev = Evidence(dead_units=[0, 1], last_fired=[5, 6, 9, 9, 9, 9, 9, 9], bias=bias, bias_name="fc.bias")
+    assert explain(ev) == []
