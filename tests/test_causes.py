@@ -454,3 +454,61 @@ def test_a_zero_score_cause_is_never_listed():
     bias = np.array([-5.0, -6.0, 0.0, 0.0, 0.0, 0.0, 0.01, -10.0])
     ev = Evidence(dead_units=[0, 1], last_fired=[5, 6, 9, 9, 9, 9, 9, 9], bias=bias, bias_name="fc.bias")
     assert explain(ev) == []
+
+
+# ---- the update measurements ----------------------------------------------------------------------------
+
+def test_update_sizes_are_exact_on_the_measured_steps_only():
+    from deadwatch import updates
+    layer = nn.Linear(30, 20)
+    sizes = updates.UpdateSizes(every=10)
+    sizes.track([("fc.weight", layer, "weight")])
+    expected = {}
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 31):
+        before = layer.weight.detach().clone()
+        with torch.no_grad():
+            layer.weight.add_(torch.randn(20, 30, generator=g) * 0.001 * step)
+        expected[step] = float((layer.weight - before).norm() / before.norm())
+        sizes.end_of_step(step)
+    spans, ratios = sizes.of("fc.weight")
+    assert spans == [(1, 10), (11, 20), (21, 30)]
+    assert ratios == pytest.approx([expected[10], expected[20], expected[30]], rel=1e-5)
+
+
+def test_update_sizes_of_a_big_weight_use_a_fixed_sample_and_leave_the_global_rng_alone():
+    from deadwatch import updates
+    layer = nn.Linear(400, 300)   # 120000 values > SAMPLE
+    sizes = updates.UpdateSizes(every=1)
+    sizes.track([("big.weight", layer, "weight")])
+    state = torch.random.get_rng_state()
+    sizes.end_of_step(1)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)    # every value moves by half its size: the ratio is 0.5 on any sample
+    sizes.end_of_step(2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert sizes.of("big.weight")[1] == pytest.approx([0.5], rel=1e-5)
+
+
+def test_update_history_merges_neighbours_keeping_the_largest_when_full():
+    from deadwatch import updates
+    layer = nn.Linear(4, 4)
+    sizes = updates.UpdateSizes(every=1)
+    sizes.track([("fc.weight", layer, "weight")])
+    sizes.end_of_step(0)
+    for step in range(1, updates.CAPACITY + 1):
+        with torch.no_grad():
+            layer.weight.mul_(1.5 if step == 7 else 1.01)
+        sizes.end_of_step(step)
+    spans, ratios = sizes.of("fc.weight")
+    assert len(spans) == updates.CAPACITY // 2 and sizes.every == 2
+    assert spans[:4] == [(1, 2), (3, 4), (5, 6), (7, 8)]
+    assert ratios[3] == pytest.approx(0.5, rel=1e-4) and ratios[0] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_update_sizes_skip_frozen_and_sharded_weights():
+    from deadwatch import updates
+    frozen = nn.Linear(3, 3).requires_grad_(False)
+    sizes = updates.UpdateSizes()
+    sizes.track([("frozen.weight", frozen, "weight"), ("none.weight", nn.ReLU(), "weight")])
+    assert sizes.names == []
