@@ -70,6 +70,7 @@ class Monitor:
         self._recycler: Any = None         # recycle.Recycler, made at the first recycling
         self._closed = False
         self._warned_no_step = False
+        self._warned_methods = False       # said once: tensor-method sites are not counted in compiled graphs
         self._resumed = False              # load_state_dict() was called: the run log marks the run resumed
         self._strict_pending = False       # load_state_dict(strict=True): unmatched sites raise at the next report
         self._used_logdir = False          # the logdir held an earlier run when watch() was called
@@ -169,6 +170,7 @@ class Monitor:
         self._warn_if_no_step()
         figures, same = sync.snapshot(self._registry, self._capture.layout(), self.steps, self.config.window)
         names = self._capture.names([f.name for f in figures], publish=True)  # once the ranks agree on sites
+        self._warn_if_methods_compiled(names)
         if self._strict_pending:
             self._strict_pending = False
             self._check_strict(names)
@@ -308,6 +310,19 @@ class Monitor:
                 if sync.distributed() else str(next(iter(pending.values())))
             raise DeadwatchError(f"load_state_dict(strict=True): saved sites have not run by the first report: "
                                  f"{where}; sites now: {', '.join(names) or 'none'}. Pass strict=False to let them go")
+
+    def _warn_if_methods_compiled(self, names: list[str]) -> None:
+        """torch.compile puts tensor methods (x.relu()) in its graphs without calling deadwatch's wrapper:
+        their sites count eager steps only. Say so once, when compiled graphs have run."""
+        if self._warned_methods or not any(c.traced for c in self._registry.by_device.values()):
+            return
+        methods = [name for name in names if name.startswith("Tensor.") or ".Tensor." in name]
+        if methods:
+            self._warned_methods = True
+            warnings.warn(f"deadwatch: sites {', '.join(methods)} are tensor methods (x.relu()), which torch.compile "
+                          f"runs without letting deadwatch see them: they count eager steps only (idle or "
+                          f"undercounted). Call the function form instead (F.relu(x), torch.sigmoid(x))",
+                          RuntimeWarning, stacklevel=3)
 
     def _warn_if_no_step(self) -> None:
         if self.steps == 0 and self._registry.sites and not self._warned_no_step:

@@ -56,6 +56,8 @@ class FunctionPatch:
         return [c for c in (ref() for ref in list(self.held.values())) if c is not None]
 
     def attach(self, capture: Capture) -> None:
+        if not self.originals:
+            _load_compiler()
         self.held[id(capture)] = weakref.ref(capture)
         for fn_name in capture.config.functions:
             for ns, attr in _targets(fn_name):
@@ -63,7 +65,10 @@ class FunctionPatch:
                 if key not in self.originals:
                     original = getattr(ns, attr)
                     self.originals[key] = (ns, original)
-                    self.wrappers[id(original)] = self._wrap(fn_name, original)
+                    # a method's sites are its own (Tensor.relu#k): torch.compile puts x.relu() in its graph
+                    # without calling the wrapper, and must not shift the numbering of F.relu's sites
+                    label = f"Tensor.{fn_name}" if ns is torch.Tensor else fn_name
+                    self.wrappers[id(original)] = self._wrap(fn_name, label, original)
                     setattr(ns, attr, self.wrappers[id(original)])
 
     def detach(self, capture: Capture) -> None:
@@ -82,7 +87,7 @@ class FunctionPatch:
             self.wrappers.clear()
             self.imported.clear()
 
-    def _wrap(self, fn_name: str, original: Callable) -> Callable:
+    def _wrap(self, fn_name: str, label: str, original: Callable) -> Callable:
         patch = self
 
         @functools.wraps(original)
@@ -101,7 +106,7 @@ class FunctionPatch:
             if torch.compiler.is_dynamo_compiling():  # traced code cannot walk frames: see compiled.py
                 for capture in captures:
                     if fn_name in capture.functions and capture.stack:
-                        capture.waiting(fn_name, out, capture.stack[-1], args, kwargs)
+                        capture.waiting(label, out, capture.stack[-1], args, kwargs)
                 return out
             module = calling_module(sys._getframe(1))
             if module is not None:
@@ -109,7 +114,7 @@ class FunctionPatch:
                     known = capture.paths.get(id(module))  # (path, is an activation module)
                     # F.relu inside nn.ReLU (or a class in activations.extra): the module's own site counts it
                     if known is not None and not known[1] and fn_name in capture.functions:
-                        capture.on_function(fn_name, out, module, args, kwargs)
+                        capture.on_function(label, out, module, args, kwargs)
             return out
 
         activation.__deadwatch_original__ = original  # type: ignore[attr-defined]
@@ -152,6 +157,12 @@ class FunctionPatch:
 
 
 PATCH = FunctionPatch()
+
+
+def _load_compiler() -> None:
+    """torch._dynamo reads torch's functions (torch.relu, ...) when it is first imported: let it read the
+    originals, not the wrappers, or a model compiled after this monitor closes cannot trace them."""
+    import torch._dynamo  # noqa: F401
 
 
 def calling_module(frame: Any) -> nn.Module | None:
