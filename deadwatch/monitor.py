@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import analysis, causes, config as config_mod, stats, sync, updates
+from .sitemap import SiteLayers, SiteMap
 from .capture import Capture
 from .config import FILE_REPORTERS, Config
 from .errors import ConfigError, DeadwatchError
@@ -77,6 +78,7 @@ class Monitor:
         self._registry = stats.Registry()
         me = weakref.ref(self)  # the capture (kept by the model's hooks) must not keep the monitor alive
         self._capture = Capture(model, config, self._registry, lambda: me().steps)  # type: ignore[union-attr]
+        self._sitemap = self._capture.sitemap = SiteMap(self._capture.model)
         specs = self._reporter_specs()      # checked on every rank, so no rank trains on alone
         self._reporters: list[Reporter] = self._make_reporters(specs) if _rank() == 0 else []
         try:
@@ -106,11 +108,14 @@ class Monitor:
         if self.optimizer is not None:
             self._record_lr()
         self._capture.new_step(self.steps)
+        every = self.config.recycle_every * self.config.report_every  # steps: the same after a resume
+        if every and self.steps > every and (self.steps - 1) % every == 0:
+            self._auto_recycle()
         if self.steps % self.config.report_every == 0:
             self._periodic_report()
         # after any recycling: its new rows are no update of the optimizer's
-        if len(self._capture.layers) != self._tracked:  # sites found since: their producers join
-            self._tracked = len(self._capture.layers)
+        if len(self._sitemap.layers) != self._tracked:  # sites mapped since: their producers join
+            self._tracked = len(self._sitemap.layers)
             self._updates.track(self._producer_weights())
         self._updates.end_of_step(self.steps)
 
@@ -137,23 +142,30 @@ class Monitor:
     def recycle(self, optimizer: torch.optim.Optimizer | None = None, sites: Iterable[str] | str | None = None,
                 units: str = "dead") -> dict[str, list[int]]:
         """Recycle the dead (or, with units="dormant", dormant) units of `sites` (names; None: all), as
-        ReDo does: the producer layer's rows drawn afresh, the consumer layer's columns zeroed, the state
-        of `optimizer` (default: the one given to watch()) reset for exactly those rows and columns, the
-        units' counters started over. Sites where the layers are ambiguous are skipped with one warning.
-        Returns {site: [recycled units]} for the sites where units were recycled. Collective under
-        torch.distributed: call it on every rank; every rank recycles the same units the same way."""
+        ReDo does, on the map of site_layers(): the producers' rows drawn afresh, every consumer's columns
+        zeroed, the state of `optimizer` (default: the one given to watch(); one is required, since stale
+        moments would steer the new rows) reset for exactly those rows and columns, the units' counters
+        and their site's interval started over. Sites that cannot be recycled exactly are skipped with one
+        warning saying why. Returns {site: [recycled units]} for the sites where units were recycled.
+        Collective under torch.distributed: call it on every rank; every rank recycles the same units
+        the same way."""
         if self._closed:
             raise RuntimeError("deadwatch: recycle() called on a closed monitor")
         if units not in config_mod.RECYCLE_UNITS:
             raise ValueError(f"deadwatch: recycle(units=...) must be one of {', '.join(config_mod.RECYCLE_UNITS)}, "
                              f"got {units!r}")
-        return self._recycle(self.report(), optimizer if optimizer is not None else self.optimizer, sites, units)
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if optimizer is None:
+            raise DeadwatchError("recycle() resets the optimizer state (Adam's moments, momentum) of the rows and "
+                                 "columns it redraws and zeroes, and no optimizer is known: pass "
+                                 "recycle(optimizer=opt) or watch(model, optimizer=opt, ...)")
+        return self._recycle(self.report(), optimizer, sites, units)
 
     def _recycle(self, report: analysis.Report, optimizer: torch.optim.Optimizer | None, sites: Any, units: str,
                  max_fraction: float | None = None) -> dict[str, list[int]]:
         from .recycle import Recycler
         if self._recycler is None:
-            self._recycler = Recycler(self._capture)
+            self._recycler = Recycler(self._capture, self._sitemap)
         result = self._recycler.run(report, optimizer, sites, units, self.steps, max_fraction)
         if result:
             for reporter in list(self._reporters):
@@ -164,6 +176,13 @@ class Monitor:
                     except Exception as e:
                         self._drop(reporter, e)
         return result
+
+    def site_layers(self) -> dict[str, SiteLayers]:
+        """The layers around each site, read from the autograd graph of the forward in which it was first
+        found (see deadwatch.sitemap), by site name as in Report.layers. Local to this process."""
+        layout = self._capture.layout()
+        names = dict(zip((key for key, _ in layout), self._capture.names([key for key, _ in layout])))
+        return {name: self._sitemap.get(key, names) for key, name in names.items()}
 
     def report(self) -> analysis.Report:
         """The verdict now; resets nothing. Collective under torch.distributed."""
@@ -255,8 +274,10 @@ class Monitor:
                 for path in self._producers().values() if path]
 
     def _producers(self) -> dict[Any, str | None]:
-        """Site key -> module path of the layer making its units' values (None: not known)."""
-        return {key: layers.producer for key, layers in self._capture.layers.items()}
+        """Site key -> module path of the layer feeding its activation (the site map's first producer;
+        None: not known). A gate's partner (the up projection) multiplies the units' values, but the
+        first producer's updates are what drives the pre-activation below 0."""
+        return {key: layers.producers[0] if layers.producers else None for key, layers in self._sitemap.layers.items()}
 
     def _explain(self, report: analysis.Report, figures: list[sync.Figures], local: bool) -> None:
         """Causes for the flagged sites' dead units, from the evidence the run left (report path only).
@@ -268,10 +289,12 @@ class Monitor:
             key = f.name
             if id(layer) not in flagged or not layer.dead_units or f.last_fired is None:
                 continue
-            bias = self._shift(key) if local else None
-            if bias is not None and type(bias[0].detach()) is not torch.Tensor:  # FSDP's DTensor: a shard here
+            around = self._sitemap.get(key, {}) if local else None
+            bias = around.shift(self._capture.model) if around is not None else None
+            if bias is not None and (type(bias[0].detach()) is not torch.Tensor  # FSDP's DTensor: a shard here
+                                     or bias[0].numel() != len(f.last_fired)):
                 bias = None
-            feeding = by_key.get(self._capture.inputs.get(key)) if local else None
+            feeding = by_key.get(self._sitemap.inputs.get(key)) if local else None
             producer = self._producers().get(key) if local else None
             spans, ratios = self._updates.of(f"{producer}.weight") if producer else ([], [])
             layer.causes = causes.explain(causes.Evidence(
@@ -282,20 +305,6 @@ class Monitor:
                 input_site=feeding.name if feeding is not None else None,
                 input_dead_fraction=feeding.dead_fraction if feeding is not None else None,
                 update_layer=f"{producer}.weight" if producer else None, update_spans=spans, update_ratios=ratios))
-
-    def _shift(self, key: Any) -> tuple[torch.Tensor, str] | None:
-        """The parameter that shifts each unit's pre-activation: the norm's bias when a norm sits between
-        the producer layer and the activation, else the producer's own bias, else None (never a bias
-        borrowed from another layer). The sites' layers are read from the autograd graph when found."""
-        layers = self._capture.layers.get(key)
-        if layers is None or layers.producer is None:
-            return None
-        path = layers.norm if layers.norm is not None else layers.producer
-        bias = getattr(self._capture.model.get_submodule(path), "bias", None)
-        units = self._capture.sites[key].units
-        if not isinstance(bias, torch.Tensor) or bias.ndim != 1 or bias.numel() != units:
-            return None
-        return bias, f"{path}.bias" if path else "bias"
 
     def _check_strict(self, names: list[str]) -> None:
         """load_state_dict(strict=True) at the first report: raise when saved sites have not run, on every
@@ -355,9 +364,18 @@ class Monitor:
         self._reported_step = self.steps
         self._registry.reset_interval()
         self._emit(report)
-        every = self.config.recycle_every * self.config.report_every  # steps: the same after a resume
-        if every and self.steps % every == 0 and not self._closed:  # automatic recycling; not at close
-            self._recycle(report, self.optimizer, None, self.config.recycle_units, self.config.recycle_max_fraction)
+
+    def _auto_recycle(self) -> None:
+        """Automatic recycling, one step after every recycle.every-th report: never at the last report
+        (a run that ends there leaves its log, summary and report() in agreement, and no unit is
+        recycled that could not train), on a verdict that includes the step just ended. It warns and
+        training goes on where it cannot run."""
+        try:
+            self._recycle(self.report(), self.optimizer, None, self.config.recycle_units,
+                          self.config.recycle_max_fraction)
+        except Exception as e:
+            warnings.warn(f"deadwatch: automatic recycling at step {self.steps} failed ({type(e).__name__}: {e}); "
+                          f"nothing was recycled, training goes on", RuntimeWarning, stacklevel=3)
 
     def _emit(self, report: analysis.Report) -> None:
         for reporter in list(self._reporters):
