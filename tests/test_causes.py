@@ -511,3 +511,30 @@ def test_update_sizes_skip_frozen_and_sharded_weights():
     sizes = updates.UpdateSizes()
     sizes.track([("frozen.weight", frozen, "weight"), ("none.weight", nn.ReLU(), "weight")])
     assert sizes.names == []
+
+
+def test_rates_are_read_through_an_optimizer_wrapper():
+    """accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer wrap the torch optimizer, whose
+    step() runs the step hooks: the rates are read there, in either scheduler order."""
+    class Wrapper:  # the shape of those wrappers: param_groups and step() forwarded
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        def step(self):
+            self.optimizer.step()
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    inner = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt = Wrapper(inner)
+    sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 50.0 if s >= 9 else 1.0)
+    with deadwatch.watch(net, reporters=[], optimizer=opt) as monitor:
+        for _ in range(12):
+            net(torch.ones(1, 2))
+            opt.step()
+            sched.step()
+            monitor.step()
+    assert monitor._lr_changes == [(1, (0.1,)), (10, (pytest.approx(5.0),))]
