@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-EVERY = 10        # measure the update of every EVERY-th step
+EVERY = 10        # measure the update of every EVERY-th step (0: never; benchmarks/overhead.py --update-every)
 SAMPLE = 1 << 16  # weights with more values are measured on a fixed sample of this many
 CAPACITY = 128    # measurements kept per weight before neighbours merge
 
@@ -59,8 +59,8 @@ class _Device:
 
 
 class UpdateSizes:
-    def __init__(self, every: int = EVERY) -> None:
-        self.every = every
+    def __init__(self, every: int | None = None) -> None:
+        self.every = EVERY if every is None else every
         self.names: list[str] = []                        # every measured weight
         self.where: dict[str, tuple[_Device, int]] = {}   # name -> its device group and column there
         self.devices: dict[torch.device, _Device] = {}
@@ -97,7 +97,7 @@ class UpdateSizes:
                 self.rows += 1
                 if self.rows == CAPACITY:
                     self._coarsen()
-            if (step + 1) % self.every == 0:
+            if self.every and (step + 1) % self.every == 0:
                 for group in self.devices.values():
                     group.before = group.values() if group.params else None
                 self.taken_for = step + 1
