@@ -83,8 +83,9 @@ class Monitor:
         self._reporters: list[Reporter] = self._make_reporters(specs) if _rank() == 0 else []
         try:
             self._capture.attach()
-            if optimizer is not None:
-                self._lr_hook = _innermost(optimizer).register_step_pre_hook(_lr_recorder(me))
+            hook = getattr(_innermost(optimizer), "register_step_pre_hook", None) if optimizer is not None else None
+            if callable(hook):  # an optimizer-like object without step hooks: rates read at step()
+                self._lr_hook = hook(_lr_recorder(me))
         except BaseException:
             self._capture.detach()
             self._close_reporters()
@@ -285,6 +286,7 @@ class Monitor:
         bias, the site feeding it) is used only when every rank has the same sites (`local`)."""
         by_key = {f.name: layer for f, layer in zip(figures, report.layers)}
         flagged = {id(layer) for layer in report.flagged}
+        producers = self._producers() if local else {}
         for f, layer in zip(figures, report.layers):
             key = f.name
             if id(layer) not in flagged or not layer.dead_units or f.last_fired is None:
@@ -295,7 +297,7 @@ class Monitor:
                                      or bias[0].numel() != len(f.last_fired)):
                 bias = None
             feeding = by_key.get(self._sitemap.inputs.get(key)) if local else None
-            producer = self._producers().get(key) if local else None
+            producer = producers.get(key)
             spans, ratios = self._updates.of(f"{producer}.weight") if producer else ([], [])
             layer.causes = causes.explain(causes.Evidence(
                 dead_units=layer.dead_units, last_fired=np.where(f.last_fired >= 0, f.last_fired + 1, -1),

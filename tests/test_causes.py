@@ -261,6 +261,8 @@ def test_each_spike_condition_is_needed():
     steady_before = [(1, (0.1,)), (2, (0.3,)), (3, (0.5,)), (4, (0.7,))]
     assert spikes(steady_before) == []
     assert spikes([(1, (0.0,)), (2, (0.1,))]) == []            # from 0: no earlier rate to compare with
+    short_warmup_end = [(1, (0.0,)), (2, (0.05,)), (3, (0.1,))]  # x2 at its last step, rising as much as before
+    assert spikes(short_warmup_end) == []
 
 
 def test_a_real_x50_jump_at_step_150_names_lr_spike_at_150():
@@ -538,3 +540,20 @@ def test_rates_are_read_through_an_optimizer_wrapper():
             sched.step()
             monitor.step()
     assert monitor._lr_changes == [(1, (0.1,)), (10, (pytest.approx(5.0),))]
+
+
+def test_an_optimizer_like_object_without_step_hooks_is_read_at_step():
+    """Anything with param_groups is accepted as the optimizer; without step hooks its rates are read at
+    monitor.step()."""
+    class Plain:
+        def __init__(self):
+            self.param_groups = [{"lr": 0.1}]
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    opt = Plain()
+    with deadwatch.watch(net, reporters=[], optimizer=opt) as monitor:
+        for step in range(1, 4):
+            net(torch.ones(1, 2))
+            opt.param_groups[0]["lr"] = 0.1 * step
+            monitor.step()
+    assert monitor._lr_changes == [(1, (0.1,)), (2, (0.2,)), (3, (pytest.approx(0.3),))]
