@@ -481,8 +481,8 @@ def test_update_sizes_of_a_big_weight_use_a_fixed_sample_and_leave_the_global_rn
     from deadwatch import updates
     layer = nn.Linear(400, 300)   # 120000 values > SAMPLE
     sizes = updates.UpdateSizes(every=1)
-    sizes.track([("big.weight", layer, "weight")])
     state = torch.random.get_rng_state()
+    sizes.track([("big.weight", layer, "weight")])
     sizes.end_of_step(1)
     with torch.no_grad():
         layer.weight.mul_(1.5)    # every value moves by half its size: the ratio is 0.5 on any sample
@@ -499,7 +499,7 @@ def test_update_history_merges_neighbours_keeping_the_largest_when_full():
     sizes.end_of_step(0)
     for step in range(1, updates.CAPACITY + 1):
         with torch.no_grad():
-            layer.weight.mul_(1.5 if step == 7 else 1.01)
+            layer.weight.mul_(1.5 if step == 8 else 1.01)
         sizes.end_of_step(step)
     spans, ratios = sizes.of("fc.weight")
     assert len(spans) == updates.CAPACITY // 2 and sizes.every == 2
