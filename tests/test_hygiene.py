@@ -141,8 +141,8 @@ def test_another_threads_activation_call_never_hides_a_watched_one():
     "F.relu calls torch.relu, count the outer call only" bookkeeping is per thread, so it counts."""
     net = FnNet()
     held = torch.randn(3).as_subclass(Held)
-    other = threading.Thread(target=F.relu, args=(held,))
     with deadwatch.watch(net, reporters=[], count_subsample=1) as monitor:
+        other = threading.Thread(target=lambda: F.relu(held))  # F.relu looked up now: the wrapper
         other.start()
         assert Held.entered.wait(10)
         try:
@@ -176,3 +176,21 @@ with deadwatch.watch(net, reporters=[], count_subsample=1) as monitor:
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "observations 48" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_capture_collected_without_detach_lets_go_of_the_patch():
+    """The patch holds captures weakly: one dropped without detach() (no monitor to close it) frees its
+    model, and the originals go back when it was the last."""
+    from deadwatch import stats
+    from deadwatch.capture import Capture
+    from deadwatch.config import load
+
+    net = FnNet()
+    capture = Capture(net, load(reporters=[]), stats.Registry(), lambda: 0)
+    PATCH.attach(capture)
+    assert active_function_patches() > 0
+    ref = weakref.ref(net)
+    del net, capture
+    gc.collect()
+    assert ref() is None
+    assert active_function_patches() == 0 and not hasattr(F.relu, "__deadwatch_original__")

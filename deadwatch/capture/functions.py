@@ -58,7 +58,8 @@ class FunctionPatch:
     def attach(self, capture: Capture) -> None:
         if not self.originals:
             _load_compiler()
-        self.held[id(capture)] = weakref.ref(capture)
+        # a capture collected without detach() (a model and monitor dropped) lets go of the patch too
+        self.held[id(capture)] = weakref.ref(capture, lambda _, key=id(capture): self.release(key))
         for fn_name in capture.config.functions:
             for ns, attr in _targets(fn_name):
                 key = (id(ns), attr)
