@@ -7,6 +7,7 @@ before the first training step with one message naming the key.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .errors import ConfigError
 
 REPORTERS = ("console", "jsonl", "tensorboard")
 SUBKEYS = {"thresholds": ("warn", "critical", "dormant", "saturated", "rare"), "saturation": ("share", "eps"),
-           "recycle": ("every", "units", "max_fraction")}
+           "recycle": ("every", "units", "max_fraction"), "activations": ("extra",)}
 RECYCLE_UNITS = ("dead", "dormant")
 FILE_REPORTERS = ("jsonl", "tensorboard")
 FUNCTIONS = (
@@ -51,6 +52,8 @@ class Config:
     recycle_every: int = 0          # recycle at every N-th periodic report; 0: never (off)
     recycle_units: str = "dead"     # RECYCLE_UNITS
     recycle_max_fraction: float = 0.1  # at most this share of a site's units per recycling
+    activations_extra: tuple[str, ...] = ()  # dotted paths of more activation module classes
+    extra_classes: tuple[type, ...] = field(default=(), compare=False)  # those classes, imported
     reporters_given: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +76,7 @@ class Config:
             "rare_rate": self.rare_rate,
             "recycle": {"every": self.recycle_every, "units": self.recycle_units,
                         "max_fraction": self.recycle_max_fraction},
+            "activations": {"extra": list(self.activations_extra)},
         }
 
 
@@ -148,7 +152,7 @@ def _fraction(key: str, value: Any) -> float:
     return float(value)
 
 
-def _names(key: str, value: Any, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+def _names(key: str, value: Any, allowed: tuple[str, ...] | None = None, regex: bool = True) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -158,7 +162,7 @@ def _names(key: str, value: Any, allowed: tuple[str, ...] | None = None) -> tupl
             raise ConfigError(f"{key} must be a list of strings, got item {item!r}")
         if allowed is not None and item not in allowed:
             raise ConfigError(f"{key} has {item!r}; allowed: {', '.join(allowed)}")
-        if allowed is None:
+        if allowed is None and regex:
             _regex(key, item)
     return tuple(value)
 
@@ -180,6 +184,33 @@ def _reporters(value: Any) -> tuple[Any, ...]:
     for item in value:  # a name or object listed twice reports once
         if not any(item is o or (isinstance(item, str) and item == o) for o in out):
             out.append(item)
+    return tuple(out)
+
+
+def _classes(paths: tuple[str, ...]) -> tuple[type, ...]:
+    """activations.extra: dotted paths of nn.Module subclasses ("package.module.QuickGELU"), imported."""
+    from torch import nn
+
+    out = []
+    for path in paths:
+        found, why, parts = None, "it names no module", path.split(".")
+        for i in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes
+            try:
+                found = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for attr in parts[i:]:
+                found = getattr(found, attr, None)
+            why = f"module {'.'.join(parts[:i])!r} has no {'.'.join(parts[i:])!r}"
+            break
+        if found is None:
+            raise ConfigError(f"activations.extra has {path!r}, which does not resolve ({why}); each item must be "
+                              f"the dotted path of an activation class, a torch.nn.Module subclass "
+                              f"(e.g. 'mypackage.layers.QuickGELU')")
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise ConfigError(f"activations.extra has {path!r}, which is {found!r}, not a torch.nn.Module subclass; "
+                              f"each item must be the dotted path of an activation module class")
+        out.append(found)
     return tuple(out)
 
 
@@ -222,6 +253,11 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
     if max_fraction == 0:
         raise ConfigError("recycle.max_fraction must be above 0 (it caps the share of a site's units recycled at "
                           "once), got 0")
+    activations = m["activations"]
+    if not isinstance(activations, Mapping):
+        raise ConfigError(f"activations must be a mapping with extra, got {activations!r}")
+    extra_paths = _names("activations.extra", activations["extra"], regex=False)
+    extra = _classes(extra_paths)
     if not isinstance(m["count_eval"], bool):
         raise ConfigError(f"count_eval must be true or false, got {m['count_eval']!r}")
     axes = m["unit_axis"] or {}
@@ -255,5 +291,7 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         recycle_every=every,
         recycle_units=recycle["units"],
         recycle_max_fraction=max_fraction,
+        activations_extra=extra_paths,
+        extra_classes=extra,
         reporters_given=reporters_given,
     )
