@@ -154,7 +154,7 @@ def test_console_reporter_on_a_real_monitor():
     r = rows(text)
     assert r["1"][:4] == ["1", "ReLU", "10", "5 (50.0%)"]
     assert r["1"][-1] == "critical"
-    assert flat("1: negative_bias (0.bias: median -100 for the dead units") in flat(text)
+    assert flat("1: negative_bias (score 1.00, 5 of 5 dead units): 0.bias: median -100 for the dead units") in flat(text)
     assert text.count("deadwatch: step 3") == 1  # close() does not report the same step again
 
 

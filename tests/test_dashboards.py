@@ -240,7 +240,7 @@ def summary(capsys, *argv):
     return out, *table(out)
 
 
-CAUSE = Cause(code="negative_bias", score=1.0, evidence="dead units' bias median -4.1, live 0.02")
+CAUSE = Cause(code="negative_bias", score=1.0, evidence="dead units' bias median -4.1, live 0.02", units=8, dead=8)
 
 
 def test_summary_shows_the_sparkline_of_the_latest_run_and_the_top_cause(tmp_path, capsys):
@@ -256,7 +256,8 @@ def test_summary_shows_the_sparkline_of_the_latest_run_and_the_top_cause(tmp_pat
     # the top cause with its evidence on the flagged site's line
     line = next(line for line in out.splitlines() if line.startswith(f"{SITES[0]} (critical): "))
     assert line == f"{SITES[0]} (critical): {CAUSE.hint()}"
-    assert CAUSE.hint().startswith("negative_bias (dead units' bias median -4.1, live 0.02): ")
+    assert CAUSE.hint().startswith("negative_bias (score 1.00, 8 of 8 dead units): dead units' bias median -4.1, "
+                                   "live 0.02. Try: ")
     # --site keeps the sparkline of the kept site
     out, header, rows = summary(capsys, path, "--site", "head")
     assert list(rows) == [SITES[1]] and rows[SITES[1]]["dead per report"] == "·▁▁▁"
