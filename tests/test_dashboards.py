@@ -115,17 +115,53 @@ def test_figure_cells_hold_the_fractions_with_idle_and_nonfinite_apart():
     assert np.array_equal(values.data[finite], expected[finite])
     assert (np.ma.getmaskarray(marks) == finite).all()
     assert marks[1, 0] == 0 and marks[1, 2] == 1                    # idle, nonfinite
-    # rendered: black at 0, white at 100%, slate grey idle, magenta nonfinite
+    # rendered: each cell in its band's colour (up to a step of the 256-entry colour table), slate idle,
+    # magenta nonfinite
     rgb = {(r, c): pixel(fig, ax, r, c) for r in range(2) for c in range(4)}
-    assert rgb[0, 0] == rgb[1, 1] == (0, 0, 0)
-    assert rgb[0, 2] == rgb[0, 3] == (255, 255, 255)
+
+    def near(got, value, tolerance=4):
+        want = 255 * tb.colour(np.array([value]))[:, 0]
+        return max(abs(a - b) for a, b in zip(got, want)) <= tolerance
+
+    assert rgb[0, 0] == rgb[1, 1] and near(rgb[0, 0], 0.0)
+    assert rgb[0, 2] == rgb[0, 3] and near(rgb[0, 2], 1.0)
+    assert near(rgb[0, 1], 0.5, tolerance=8)
     assert max(abs(a - 255 * b) for a, b in zip(rgb[1, 0], tb.IDLE_RGB)) <= 1   # 8-bit rounding
     assert rgb[1, 2] == (255, 0, 255)
-    # 50%: the fallback image's colour (sqrt scale: light yellow), up to a step of the 256-entry colour table
-    # (the ramp climbs 3 levels a step)
-    half = 255 * tb.colour(np.array([[0.5]]))[:, 0, 0]
-    assert max(abs(a - b) for a, b in zip(rgb[0, 1], half)) <= 3, (rgb[0, 1], half)
-    assert rgb[0, 1][:2] == (255, 255) and 0 < rgb[0, 1][2] < 255
+
+
+def hue(rgb):
+    import colorsys
+    h, l, s = colorsys.rgb_to_hls(*rgb)
+    return 360 * h, l, s
+
+
+@pytest.mark.parametrize("warn, critical", [(0.01, 0.10), (0.02, 0.3), (0.0, 0.1)])
+def test_colour_bands_keep_healthy_calm_warn_distinct_critical_red(warn, critical):
+    """Below warn: a neutral grey (saturation low), lighter at 0; the warn band amber/orange; critical red,
+    darker towards 100%. A 5%-dead layer with the default thresholds is amber, not red."""
+    values = np.array([0.0, warn / 2, warn, (warn + critical) / 2, critical, 1.0])
+    rgb = tb.colour(values, warn, critical).T
+    zero, below, at_warn, mid_warn, at_critical, full = (hue(c) for c in rgb)
+    for h, l, s in ([zero, below] if warn > 0 else []):
+        assert s < 0.3 and l > 0.75                                      # neutral, light
+    if warn > 0:
+        assert zero[1] > below[1]                                        # darker towards warn
+    for h, l, s in (at_warn, mid_warn):
+        assert 25 <= h <= 50 and s > 0.8                                 # amber / orange
+    for h, l, s in (at_critical, full):
+        assert (h <= 5 or h >= 345) and s > 0.6                          # red
+    assert at_critical[1] > full[1]                                      # darker towards 100%
+    five = hue(tb.colour(np.array([0.05]))[:, 0])
+    assert 25 <= five[0] <= 50                                           # the default bands: 5% is warn, amber
+
+
+def test_colour_bar_marks_the_bands():
+    fig = tb.figure(history(), SITES, [r.step for r in REPORTS], band=(0.02, 0.2))
+    (bar,) = [a for a in fig.axes if a is not cells_axes(fig)]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["0%", "2%", "20%", "100%"]
+    # each band a third of the bar
+    assert np.allclose(bar.get_yticks(), [0, 0.02, 0.2, 1.0])
 
 
 def test_figure_labels_every_kth_site_when_there_are_many():
@@ -175,7 +211,8 @@ def test_dormant_heatmap_shows_the_dormant_fraction():
     fig = tb.figure(history("dormant_fraction"), SITES, [10, 20, 30, 40], "dormant fraction")
     ax = cells_axes(fig)
     assert ax.get_title(loc="left") == "dormant fraction"
-    assert pixel(fig, ax, 0, 0) == (255, 255, 255)   # dormant everywhere while barely dead at first
+    want = 255 * tb.colour(np.array([1.0]), *tb.bands(deadwatch.config.load(), "dormant_fraction"))[:, 0]
+    assert max(abs(a - b) for a, b in zip(pixel(fig, ax, 0, 0), want)) <= 4   # dormant everywhere, barely dead
 
 
 def test_fallback_without_matplotlib_is_the_raw_image(tmp_path, monkeypatch):
@@ -189,7 +226,7 @@ def test_fallback_without_matplotlib_is_the_raw_image(tmp_path, monkeypatch):
         for im, columns in zip(images, (1, 3, 4)):
             assert (im.height, im.width) == (len(SITES) * tb.CELL_H, columns * tb.CELL_W)
         img = decode(images[1])
-        expected = tb.heatmap(history(field)[:3], SITES).numpy()
+        expected = tb.heatmap(history(field)[:3], SITES, tb.bands(deadwatch.config.load(), field)).numpy()
         assert np.abs(img - 255 * expected.transpose(1, 2, 0)).max() <= 1      # 8-bit rounding
 
 
@@ -276,10 +313,39 @@ def test_custom_scalars_put_dormant_and_saturated_beside_dead(tmp_path):
     (tag,) = acc.PluginTagToContent("custom_scalars")
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors(tag)[0].tensor_proto.string_val[0])
-    (category,) = layout.category
+    category = layout.category[0]
     shown = [[t for t in ("deadwatch/dead_fraction/a", "deadwatch/dormant_fraction/a",
                           "deadwatch/saturated_fraction/a", "deadwatch/threshold/warn")
               if any(re.match(rx, t) for rx in chart.multiline.tag)] for chart in category.chart]
     assert shown[:3] == [["deadwatch/dead_fraction/a", "deadwatch/threshold/warn"],
                          ["deadwatch/dormant_fraction/a", "deadwatch/threshold/warn"],
                          ["deadwatch/saturated_fraction/a", "deadwatch/threshold/warn"]]
+
+
+def test_custom_scalars_chart_per_site_named_and_unclipped(tmp_path):
+    """One chart per site, titled with the site, showing that site's lines only (with the thresholds): a reader
+    tells the lines apart, and a site at 90% dead among sites at 0 is a third of its chart's points at least,
+    so TensorBoard's outlier-ignoring y range (5-95% quantiles) keeps it."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    reports = [Report(step=s, window=10, layers=[layer(f"blocks.{i}.act", "ok") for i in range(9)]
+                      + [layer("blocks.9.act", "critical", dead=int(0.9 * 10), units=10)]) for s in (10, 20, 30)]
+    reporter, acc = emit_all(tmp_path, reports)
+    (tag,) = acc.PluginTagToContent("custom_scalars")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(tag)[0].tensor_proto.string_val[0])
+    per_site = {c.title: c for category in layout.category[1:] for c in category.chart}
+    sites = [f"blocks.{i}.act" for i in range(10)]
+    assert [t.split(":")[0] for t in per_site] == sites
+    tags = acc.Tags()["scalars"]
+    for site in sites:
+        chart = next(c for t, c in per_site.items() if t.startswith(site + ":"))
+        shown = {t for t in tags if any(re.match(rx, t) for rx in chart.multiline.tag)}
+        assert {t for t in shown if "threshold" not in t} == {f"deadwatch/{f}_fraction/{site}" for f in ("dead", "dormant")}
+    nine = next(c for t, c in per_site.items() if t.startswith("blocks.9.act:"))
+    values = [e.value for t in tags if any(re.match(rx, t) for rx in nine.multiline.tag) for e in acc.Scalars(t)]
+    # TensorBoard's y range with outliers ignored: the 5% and 95% quantiles of the chart's values
+    assert np.quantile(values, 0.95) == max(values) == pytest.approx(0.9)
+    # while in the all-sites chart the 90% line is an outlier that the quantile range would clip
+    everything = [e.value for i in range(10) for e in acc.Scalars(f"deadwatch/dead_fraction/blocks.{i}.act")]
+    assert np.quantile(everything, 0.95) < 0.5
