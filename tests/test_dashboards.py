@@ -328,24 +328,24 @@ def test_custom_scalars_chart_per_site_named_and_unclipped(tmp_path):
     so TensorBoard's outlier-ignoring y range (5-95% quantiles) keeps it."""
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    reports = [Report(step=s, window=10, layers=[layer(f"blocks.{i}.act", "ok") for i in range(9)]
-                      + [layer("blocks.9.act", "critical", dead=int(0.9 * 10), units=10)]) for s in (10, 20, 30)]
+    reports = [Report(step=s, window=10, layers=[layer(f"blocks.{i}.act", "ok") for i in range(29)]
+                      + [layer("blocks.29.act", "critical", dead=9, units=10)]) for s in (10, 20, 30)]
     reporter, acc = emit_all(tmp_path, reports)
     (tag,) = acc.PluginTagToContent("custom_scalars")
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors(tag)[0].tensor_proto.string_val[0])
     per_site = {c.title: c for category in layout.category[1:] for c in category.chart}
-    sites = [f"blocks.{i}.act" for i in range(10)]
+    sites = [f"blocks.{i}.act" for i in range(30)]
     assert [t.split(":")[0] for t in per_site] == sites
     tags = acc.Tags()["scalars"]
     for site in sites:
         chart = next(c for t, c in per_site.items() if t.startswith(site + ":"))
         shown = {t for t in tags if any(re.match(rx, t) for rx in chart.multiline.tag)}
         assert {t for t in shown if "threshold" not in t} == {f"deadwatch/{f}_fraction/{site}" for f in ("dead", "dormant")}
-    nine = next(c for t, c in per_site.items() if t.startswith("blocks.9.act:"))
+    nine = next(c for t, c in per_site.items() if t.startswith("blocks.29.act:"))
     values = [e.value for t in tags if any(re.match(rx, t) for rx in nine.multiline.tag) for e in acc.Scalars(t)]
     # TensorBoard's y range with outliers ignored: the 5% and 95% quantiles of the chart's values
     assert np.quantile(values, 0.95) == max(values) == pytest.approx(0.9)
     # while in the all-sites chart the 90% line is an outlier that the quantile range would clip
-    everything = [e.value for i in range(10) for e in acc.Scalars(f"deadwatch/dead_fraction/blocks.{i}.act")]
+    everything = [e.value for i in range(30) for e in acc.Scalars(f"deadwatch/dead_fraction/blocks.{i}.act")]
     assert np.quantile(everything, 0.95) < 0.5
