@@ -1,5 +1,5 @@
-"""The `deadwatch` command: summary, compare, demo. Reads run logs only: summary and compare never import
-torch (only demo does, to train).
+"""The `deadwatch` command: summary, compare, report, demo. Reads run logs only: summary, compare and report
+never import torch (only demo does, to train).
 
 Exit codes: 0 fine; 1 --fail-on triggered; 2 usage or input error (one line on stderr).
 """
@@ -218,6 +218,20 @@ def cmd_compare(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from . import htmlreport
+
+    log = _read(args.run_dir, err)
+    try:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(htmlreport.render(log))
+    except OSError as e:
+        raise UsageError(f"--html {args.html!r} cannot be written: {e.strerror}") from None
+    out.print(f"deadwatch: wrote {args.html} (step {log.last.step}, {len(log.records)} reports)", markup=False,
+              highlight=False, soft_wrap=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     from . import demo
 
@@ -259,6 +273,10 @@ def parser() -> Parser:
     c.add_argument("run_a", metavar="RUN_A")
     c.add_argument("run_b", metavar="RUN_B")
     c.set_defaults(run=cmd_compare)
+    r = sub.add_parser("report", help="a self-contained HTML page about a run, to attach or send")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a logdir given to deadwatch.watch() (holds deadwatch.jsonl)")
+    r.add_argument("--html", metavar="OUT.html", required=True, help="where to write the page")
+    r.set_defaults(run=cmd_report)
     d = sub.add_parser("demo", help="train a healthy and a dying network on bundled data, watched")
     d.add_argument("--logdir", default=os.path.join("runs", "demo"), help="where the runs go (default: runs/demo)")
     d.set_defaults(run=cmd_demo)
