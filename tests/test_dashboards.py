@@ -349,3 +349,41 @@ def test_custom_scalars_chart_per_site_named_and_unclipped(tmp_path):
     # while in the all-sites chart the 90% line is an outlier that the quantile range would clip
     everything = [e.value for i in range(30) for e in acc.Scalars(f"deadwatch/dead_fraction/blocks.{i}.act")]
     assert np.quantile(everything, 0.95) < 0.5
+
+
+# ---- the summary in a narrow terminal ----------------------------------------------------------------
+
+LONG = "encoder.layer.11.intermediate.intermediate_act_fn"
+
+
+@pytest.mark.parametrize("columns", [60, 72, 200])
+def test_summary_fits_a_narrow_terminal_without_cutting(tmp_path, capsys, monkeypatch, columns):
+    """In a terminal of 60 columns: site names, dead counts and status are never cut to an ellipsis; the
+    lower-priority columns go first (kind, zero frac, units, trend, ...); a long site name wraps."""
+    reports = [Report(step=s, window=10, layers=[layer(LONG, "critical", dead=d, dormant=d),
+                                                 layer("head.act", "ok", 0, 0)]) for s, d in ((10, 2), (20, 5))]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [{"type": "header", "started": "t", "deadwatch": "0.1.0", "torch": "2", "config": {}, "resumed": False}]
+    lines += [{"type": "report", "time": "t", **r.to_dict(), "firing_rate": {}} for r in reports]
+    (run_dir / runlog.FILENAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")      # rich: a terminal
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert cli.main(["summary", str(run_dir)]) == 0
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert max(len(line) for line in out.splitlines()) <= columns
+    assert "…" not in out
+    body = [line for line in out.splitlines() if line.startswith("│")]
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in body]
+    header = next(line for line in out.splitlines() if line.startswith("┃"))
+    names = [c.strip() for c in header.strip("┃").split("┃")]
+    assert names[0] == "site" and "dead" in names and names[-1] == "status"
+    assert "".join(c[0] for c in cells) == LONG + "head.act"            # wrapped, whole
+    dead = names.index("dead")
+    assert [c[dead] for c in cells if c[dead]] == ["5 (62.5%)", "0 (0.0%)"]
+    assert [c[-1] for c in cells if c[-1]] == ["critical", "ok"]
+    if columns == 200:
+        assert len(names) == 10                                          # room enough: every column
+    if columns == 60:
+        assert "kind" not in names and "zero frac" not in names          # dropped first
