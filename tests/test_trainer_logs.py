@@ -21,20 +21,11 @@ from torch import nn
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from deadwatch.reporters import runlog
+from test_wandb_mlflow import expected  # the scalars a run-log record stands for
 from test_integrations import (FIRES, GATE_DEAD, GATE_UNITS, RESTART, TOTAL, WINDOW, Gated, Planted, lightning_trainer,
                                planted_data)
 
 REPORT_EVERY = 3
-
-
-def expected(record):
-    """The scalars of a run-log report record, from its JSON fields."""
-    out = {"deadwatch/dead_fraction/all": record["dead_fraction"], "deadwatch/flagged_sites": len(record["flagged"])}
-    for layer in record["layers"]:
-        for field in ("dead_fraction", "zero_fraction", "dormant_fraction"):
-            if layer[field] is not None:
-                out[f"deadwatch/{field}/{layer['name']}"] = layer[field]
-    return out
 
 
 # ---- Lightning ----------------------------------------------------------------------------------------
