@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Screenshots of the real TensorBoard pages for the demo run, for the README.
+# Screenshots for the README and the docs: the real TensorBoard pages for the demo run, then docs/shots.py.
 # Needs Debian's chromium (apt-get install chromium). Run from the repository root after `make demo`.
 set -euo pipefail
 port=${PORT:-6123}
@@ -14,3 +14,5 @@ shot() {
 }
 shot tensorboard-custom-scalars 620 custom_scalars
 shot tensorboard-heatmap 760 images
+# the heatmap's colour bands, the summary at 60 columns and the HTML report
+.venv/bin/python docs/shots.py runs/demo

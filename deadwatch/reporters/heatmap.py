@@ -125,7 +125,7 @@ def figure(history: list[dict[str, float]], sites: list[str], steps: list[int], 
     # laid out in inches: site names | cells | colour bar and its label; title and legend above, steps below
     names = min(0.2 + 0.06 * max((len(site) for site in sites), default=4), 4.0)
     cells_w, cells_h = max(3.0, min(0.03 * cols, 6.0)), max(1.2, 0.15 * min(rows, MAX_LABELLED_ROWS))
-    width, height = names + cells_w + 1.15, 0.35 + cells_h + 0.6
+    width, height = names + cells_w + 1.3, 0.35 + cells_h + 0.6
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((names / width, 0.6 / height, cells_w / width, cells_h / height))
@@ -150,7 +150,7 @@ def figure(history: list[dict[str, float]], sites: list[str], steps: list[int], 
     bar = fig.colorbar(image, cax=bar_ax, ticks=sorted({0.0, *band, 1.0}))
     bar.ax.set_yticklabels([f"{100 * t:g}%" for t in sorted({0.0, *band, 1.0})])
     bar.ax.tick_params(labelsize=7)
-    bar.set_label(f"{label} (warn, critical bands)", fontsize=8)
+    bar.set_label(label, fontsize=8)
     fig.legend(handles=[Patch(color=IDLE_RGB, label="idle / not run yet"), Patch(color=NONFINITE_RGB, label="nonfinite")],
                loc="upper right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False, borderaxespad=0.3,
                handlelength=1.2, columnspacing=1.0)
