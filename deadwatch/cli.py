@@ -155,8 +155,8 @@ def _summary_table(log: runlog.RunLog, report: Report, first: dict[str, LayerRep
     columns += [("dormant", "right"), ("flags", "left")] * verdicts
     columns += [("dead per report", "left"), ("dead trend", "left"), ("status", "left")]
     columns = [(name, justify) for name, justify in columns if name not in drop]
-    for column, justify in columns:  # wrapped, never cut to an ellipsis; dead and status not even wrapped
-        table.add_column(column, justify=justify, overflow="fold", no_wrap=column in ("dead", "status"))
+    for column, justify in columns:  # dead and status are never wrapped or cut (the site name folds)
+        table.add_column(column, justify=justify, no_wrap=column in ("dead", "status"))
     for layer in report.layers:
         cells = {"kind": Text(layer.kind), "units": str(layer.units), "dead": dead_cell(layer),
                  "zero frac": percent(layer.zero_fraction),

@@ -156,6 +156,13 @@ def test_colour_bands_keep_healthy_calm_warn_distinct_critical_red(warn, critica
     assert 25 <= five[0] <= 50                                           # the default bands: 5% is warn, amber
 
 
+def test_bands_per_field():
+    config = deadwatch.config.load(thresholds={"warn": 0.02, "critical": 0.2, "dormant": 0.3})
+    assert tb.bands(config, "dead_fraction") == (0.02, 0.2)
+    assert tb.bands(config, "dormant_fraction") == (0.3, 0.5)          # the dormant flag share, then half
+    assert tb.bands(deadwatch.config.load(thresholds={"dormant": 0.7}), "dormant_fraction") == (0.7, 0.7)
+
+
 def test_colour_bar_marks_the_bands():
     fig = tb.figure(history(), SITES, [r.step for r in REPORTS], band=(0.02, 0.2))
     (bar,) = [a for a in fig.axes if a is not cells_axes(fig)]
@@ -226,7 +233,8 @@ def test_fallback_without_matplotlib_is_the_raw_image(tmp_path, monkeypatch):
         for im, columns in zip(images, (1, 3, 4)):
             assert (im.height, im.width) == (len(SITES) * tb.CELL_H, columns * tb.CELL_W)
         img = decode(images[1])
-        expected = tb.heatmap(history(field)[:3], SITES, tb.bands(deadwatch.config.load(), field)).numpy()
+        band = {"dead_fraction": (0.01, 0.10), "dormant_fraction": (0.10, 0.5)}[field]   # default.yaml's thresholds
+        expected = tb.heatmap(history(field)[:3], SITES, band).numpy()
         assert np.abs(img - 255 * expected.transpose(1, 2, 0)).max() <= 1      # 8-bit rounding
 
 
@@ -356,7 +364,7 @@ def test_custom_scalars_chart_per_site_named_and_unclipped(tmp_path):
 LONG = "encoder.layer.11.intermediate.intermediate_act_fn"
 
 
-@pytest.mark.parametrize("columns", [60, 72, 200])
+@pytest.mark.parametrize("columns", [30, 36, 60, 72, 200])
 def test_summary_fits_a_narrow_terminal_without_cutting(tmp_path, capsys, monkeypatch, columns):
     """In a terminal of 60 columns: site names, dead counts and status are never cut to an ellipsis; the
     lower-priority columns go first (kind, zero frac, units, trend, ...); a long site name wraps."""
@@ -374,6 +382,9 @@ def test_summary_fits_a_narrow_terminal_without_cutting(tmp_path, capsys, monkey
     out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
     assert max(len(line) for line in out.splitlines()) <= columns
     assert "…" not in out
+    assert "5 (62.5%)" in out and "0 (0.0%)" in out and "critical" in out    # whole, on one line each
+    if columns < 36:   # narrower than site + dead + status: even the header names fold
+        return
     body = [line for line in out.splitlines() if line.startswith("│")]
     cells = [[c.strip() for c in line.strip("│").split("│")] for line in body]
     header = next(line for line in out.splitlines() if line.startswith("┃"))

@@ -24,7 +24,7 @@ from deadwatch.causes import Cause
 from deadwatch.reporters import runlog
 from deadwatch.reporters.heatmap import colour
 
-VOID = {"meta", "br", "img", "input", "link", "hr", "rect", "circle", "polyline", "path", "line"}
+VOID = {"meta", "br", "img", "input", "link", "hr"}   # HTML's void elements; SVG ones close or self-close
 
 
 class Page(HTMLParser):
@@ -79,8 +79,10 @@ def write(run_dir, out) -> tuple[str, Page]:
 
 
 def expected_cells(log):
-    """{(site, step): value} of the heatmap, from the run log's records."""
-    return {(layer["name"], r["step"]): layer["dead_fraction"] for r in log.records for layer in r["layers"]}
+    """{(site, step): value} of the heatmap, from the run log's records: NaN nonfinite, -inf idle."""
+    def value(layer):
+        return np.nan if layer["status"] == "nonfinite" else -np.inf if layer["status"] == "idle" else layer["dead_fraction"]
+    return {(layer["name"], r["step"]): value(layer) for r in log.records for layer in r["layers"]}
 
 
 def check_against_log(page: Page, log: runlog.RunLog) -> None:
@@ -99,7 +101,8 @@ def check_against_log(page: Page, log: runlog.RunLog) -> None:
     cells = expected_cells(log)
     sites = list(dict.fromkeys(layer["name"] for r in log.records for layer in r["layers"]))
     assert len(rects) == len(sites) * len(log.records)
-    titles = [d for path, d in page.texts if path[-1] == "title" and "rect" in path]
+    titles = [d for path, d in page.texts if path[-2:] == ["rect", "title"]]
+    assert len(titles) == len(rects)
     config = log.headers[-1]["config"]
     band = (config["thresholds"]["warn"], config["thresholds"]["critical"])
     for rect, title in zip(rects, titles):

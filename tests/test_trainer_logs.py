@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
-import shutil
+import warnings
 
 import pytest
 import torch
@@ -133,7 +133,10 @@ def test_hf_logs_reach_a_callbacks_on_log(tmp_path):
     seen = []
     callback = hf_callback(logdir=str(tmp_path / "dw"))
     trainer = hf_trainer(tmp_path, GatedHF(), gated_rows(), [Reader(), callback], max_steps=TOTAL)
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "deadwatch" in str(w.message)]   # a fresh run resumes nothing
     log = runlog.read(str(tmp_path / "dw"))
     assert [r["step"] for r in log.records] == [5, 10, 12]        # the last at the final step, before the Trainer ends
     ours = [(step, {k: v for k, v in logs.items() if k.startswith("deadwatch/")}) for step, logs in seen]

@@ -171,7 +171,8 @@ def test_mlflow_logs_into_the_active_run(file_store, tmp_path):
     with file_store.start_run(run_name="mine") as active:
         log = train(tmp_path / "run", ["mlflow"])
         assert file_store.active_run().info.run_id == active.info.run_id
-    client = file_store.tracking.MlflowClient()
+        client = file_store.tracking.MlflowClient()
+        assert client.get_run(active.info.run_id).info.status == "RUNNING"    # not ended by deadwatch
     assert client.get_experiment_by_name("deadwatch") is None       # no run of its own
     _, values = mlflow_values(client, active.info.run_id, [r["step"] for r in log.records])
     assert values[-1]["deadwatch/dead_fraction/all"] == log.records[-1]["dead_fraction"]
