@@ -112,6 +112,18 @@ def test_wandb_offline_logs_the_run_logs_values(offline_wandb, tmp_path):
     assert os.path.getsize(os.path.join(run_dir, "files", images[-1]["deadwatch/heatmap.path"])) > 1000
 
 
+def test_wandb_heatmap_without_matplotlib_is_the_raw_image(offline_wandb, tmp_path, monkeypatch):
+    import deadwatch.reporters.wandb as reporter
+
+    monkeypatch.setattr(reporter, "plotting_available", lambda: False)
+    train(tmp_path / "run", ["wandb"], image_every=100)
+    history, _ = wandb_records(tmp_path / "run")
+    images = [h for h in history if "deadwatch/heatmap.path" in h]
+    assert [h["deadwatch/step"] for h in images] == [2, 7]              # the first report, and the last at close
+    # a cell of 12 x 6 pixels per site and report: 2 sites, 4 reports at close
+    assert (images[-1]["deadwatch/heatmap.height"], images[-1]["deadwatch/heatmap.width"]) == (2 * 12, 4 * 6)
+
+
 def test_wandb_logs_into_the_active_run_and_leaves_it_open(offline_wandb, tmp_path):
     run = offline_wandb.init(project="mine", dir=str(tmp_path / "own"))
     run.log({"loss": 1.0})
@@ -176,6 +188,29 @@ def test_mlflow_logs_into_the_active_run(file_store, tmp_path):
     assert client.get_experiment_by_name("deadwatch") is None       # no run of its own
     _, values = mlflow_values(client, active.info.run_id, [r["step"] for r in log.records])
     assert values[-1]["deadwatch/dead_fraction/all"] == log.records[-1]["dead_fraction"]
+
+
+def test_mlflow_logs_more_than_a_batch_of_metrics(file_store, monkeypatch):
+    """A tracking server takes at most 1000 metrics per log_batch (the file store takes more): 300 sites (1,202
+    scalars) go in batches of at most 1000."""
+    from deadwatch.analysis import LayerReport, Report
+    from deadwatch.reporters.mlflow import MlflowReporter
+
+    batches = []
+    log_batch = file_store.tracking.MlflowClient.log_batch
+    monkeypatch.setattr(file_store.tracking.MlflowClient, "log_batch",
+                        lambda self, run_id, metrics=(), **kw: (batches.append(len(metrics)),
+                                                                log_batch(self, run_id, metrics=metrics, **kw))[1])
+
+    layers = [LayerReport(name=f"blocks.{i}.act", kind="ReLU", units=4, dead_units=[1], dead_fraction=0.25,
+                          zero_fraction=0.5, observations=8, status="critical", dormant_fraction=0.25,
+                          saturated_fraction=0.0, bounds=[0.0, 6.0]) for i in range(300)]
+    reporter = MlflowReporter(deadwatch.config.load())
+    reporter.emit(Report(step=5, window=5, layers=layers))
+    reporter.close()
+    run = file_store.tracking.MlflowClient().get_run(reporter.run_id)
+    assert len(run.data.metrics) == 300 * 4 + 2
+    assert batches == [1000, 202]
 
 
 def test_a_failing_mlflow_reporter_warns_and_training_goes_on(file_store, tmp_path, monkeypatch):
