@@ -10,19 +10,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["watch", "Monitor", "Report", "LayerReport", "Config", "ConfigError", "DeadwatchError",
+__all__ = ["watch", "scan", "prune", "PruneResult", "Monitor", "Report", "LayerReport", "Config", "ConfigError", "DeadwatchError",
            "RunLogError", "__version__"]
 
-_HOMES = {"watch": "monitor", "Monitor": "monitor", "Report": "analysis", "LayerReport": "analysis",
+# prune() lives in `pruning`: a submodule named `prune` would replace the function on import
+_HOMES = {"watch": "monitor", "scan": "check", "prune": "pruning", "PruneResult": "pruning", "Monitor": "monitor", "Report": "analysis", "LayerReport": "analysis",
           "Config": "config", "ConfigError": "errors", "DeadwatchError": "errors", "RunLogError": "errors"}
-_SUBMODULES = {"analysis", "capture", "causes", "cli", "config", "demo", "errors", "integrations", "monitor", "recycle",
-               "reporters", "stats", "sync"}
+_SUBMODULES = {"analysis", "capture", "causes", "certify", "check", "cli", "config", "demo", "errors", "integrations",
+               "monitor", "pruning", "recycle", "reporters", "stats", "sync"}
 
 if TYPE_CHECKING:
     from .analysis import LayerReport, Report
     from .config import Config
     from .errors import ConfigError, DeadwatchError, RunLogError
+    from .check import scan
     from .monitor import Monitor, watch
+    from .pruning import PruneResult, prune
 
 
 def __getattr__(name: str) -> Any:

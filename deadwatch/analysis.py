@@ -49,6 +49,8 @@ class LayerReport:
     bounds: list[float] | None = None          # [lower, upper] of a bounded activation
     flags: list[str] = field(default_factory=list)  # FLAGS whose share of units is at least thresholds.<flag>
     causes: list[Cause] = field(default_factory=list)  # why the dead units died, best first (flagged sites)
+    certified_units: list[int] = field(default_factory=list)  # dead for every input, provably (certify.py)
+    certify_note: str | None = None            # why units proved dead now are not certified (training)
 
     @property
     def hint(self) -> str | None:

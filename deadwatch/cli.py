@@ -1,5 +1,5 @@
-"""The `deadwatch` command: summary, compare, report, demo. Reads run logs only: summary, compare and report
-never import torch (only demo does, to train).
+"""The `deadwatch` command: summary, compare, report, check, demo. summary, compare and report read run logs only
+and never import torch (check does, to load a saved model; demo, to train).
 
 Exit codes: 0 fine; 1 --fail-on triggered; 2 usage or input error (one line on stderr).
 """
@@ -25,7 +25,7 @@ from rich.text import Text
 from .analysis import CRITICAL, FLAGS, IDLE, NONFINITE, OK, STYLES, WARN, LayerReport, Report
 from .errors import DeadwatchError
 from .reporters import runlog
-from .reporters.console import (count_cell, dead_cell, died_text, flag_lines, flags_cell, has_verdicts, headline, notes,
+from .reporters.console import (certified_lines, count_cell, dead_cell, died_text, flag_lines, flags_cell, has_verdicts, headline, notes,
                                 percent, print_fitted, site_column, title_line)
 
 LEVELS = {OK: 0, WARN: 1, CRITICAL: 2, NONFINITE: 3}  # --fail-on; an idle site is not judged, so never fails
@@ -177,6 +177,7 @@ def _summary_lines(log: runlog.RunLog, report: Report) -> list[Text]:
             lines.append(Text(f"  dead units: {units_text(layer.dead_units)}" + (f"; {died}" if died else "")))
     if not lines:
         lines.append(Text("no site flagged", style="green"))
+    lines += certified_lines(report)
     if log.recycles:
         lines.append(Text(recycled_text([r for _, r in log.recycles])))
     return lines + notes(report)
@@ -261,6 +262,12 @@ def cmd_report(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from . import check  # imports torch: only this command needs it
+
+    return check.command(args, out, err)
+
+
 def cmd_demo(args: argparse.Namespace, out: Console, err: Console) -> int:
     from . import demo
 
@@ -306,6 +313,24 @@ def parser() -> Parser:
     r.add_argument("run_dir", metavar="RUN_DIR", help="a logdir given to deadwatch.watch() (holds deadwatch.jsonl)")
     r.add_argument("--html", metavar="OUT.html", required=True, help="where to write the page")
     r.set_defaults(run=cmd_report)
+    k = sub.add_parser("check", help="a saved model: certified dead units, units dead on data, pruning")
+    k.add_argument("path", metavar="PATH", help="a state dict or whole model (.pt/.pth/.bin), .safetensors, a Lightning "
+                   ".ckpt, or a Hugging Face model folder (config.json; nothing is downloaded)")
+    k.add_argument("--model", metavar="MODULE:CALLABLE", help="builds the architecture to load a state dict into "
+                   "(certificates need the structure; without it only unproved suspects are reported)")
+    k.add_argument("--trust", action="store_true", help="allow a pickled whole model (unpickling runs code)")
+    k.add_argument("--input-shape", metavar="N,C,...", help="the dummy input's shape for the structure forward, "
+                   "where the first layer does not tell it")
+    k.add_argument("--data", metavar="MODULE:CALLABLE", help="an iterable of batches: also report the units dead on it "
+                   "(eval mode)")
+    k.add_argument("--against", metavar="BASE", help="a base checkpoint: list what died since (newly certified; newly "
+                   "dead on --data)")
+    k.add_argument("--prune", metavar="OUT.pt", help="remove the certified units and write the pruned state dict "
+                   "(a whole model for a whole model)")
+    k.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    k.add_argument("--fail-on", choices=("certified", "dead", "never"), default="never",
+                   help="exit 1 when a site has certified units, or dead units (on --data; certified without it)")
+    k.set_defaults(run=cmd_check)
     d = sub.add_parser("demo", help="train a healthy and a dying network on bundled data, watched")
     d.add_argument("--logdir", default=os.path.join("runs", "demo"), help="where the runs go (default: runs/demo)")
     d.set_defaults(run=cmd_demo)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import analysis, causes, config as config_mod, stats, sync
+from .sitemap import SiteLayers, SiteMap
 from .capture import Capture
 from .config import FILE_REPORTERS, Config
 from .errors import ConfigError, DeadwatchError
@@ -64,12 +65,14 @@ class Monitor:
         self._reported_step = 0            # step of the last periodic report
         self._recycler: Any = None         # recycle.Recycler, made at the first recycling
         self._closed = False
+        self._scan = False                 # deadwatch.scan(): no training, so certificates need no optimizer check
         self._warned_no_step = False
         self._resumed = False              # load_state_dict() was called: the run log marks the run resumed
         self._strict_pending = False       # load_state_dict(strict=True): unmatched sites raise at the next report
         self._used_logdir = False          # the logdir held an earlier run when watch() was called
         self._registry = stats.Registry()
         self._capture = Capture(model, config, self._registry, lambda: self.steps)
+        self._sitemap = self._capture.sitemap = SiteMap(self._capture.model)
         specs = self._reporter_specs()      # checked on every rank, so no rank trains on alone
         self._reporters: list[Reporter] = self._make_reporters(specs) if _rank() == 0 else []
         try:
@@ -91,6 +94,9 @@ class Monitor:
         if self.optimizer is not None:
             self._record_lr()
         self._capture.new_step(self.steps)
+        every = self.config.recycle_every * self.config.report_every  # steps: the same after a resume
+        if every and self.steps > every and (self.steps - 1) % every == 0:
+            self._auto_recycle()
         if self.steps % self.config.report_every == 0:
             self._periodic_report()
 
@@ -117,23 +123,30 @@ class Monitor:
     def recycle(self, optimizer: torch.optim.Optimizer | None = None, sites: Iterable[str] | str | None = None,
                 units: str = "dead") -> dict[str, list[int]]:
         """Recycle the dead (or, with units="dormant", dormant) units of `sites` (names; None: all), as
-        ReDo does: the producer layer's rows drawn afresh, the consumer layer's columns zeroed, the state
-        of `optimizer` (default: the one given to watch()) reset for exactly those rows and columns, the
-        units' counters started over. Sites where the layers are ambiguous are skipped with one warning.
-        Returns {site: [recycled units]} for the sites where units were recycled. Collective under
-        torch.distributed: call it on every rank; every rank recycles the same units the same way."""
+        ReDo does, on the map of site_layers(): the producers' rows drawn afresh, every consumer's columns
+        zeroed, the state of `optimizer` (default: the one given to watch(); one is required, since stale
+        moments would steer the new rows) reset for exactly those rows and columns, the units' counters
+        and their site's interval started over. Sites that cannot be recycled exactly are skipped with one
+        warning saying why. Returns {site: [recycled units]} for the sites where units were recycled.
+        Collective under torch.distributed: call it on every rank; every rank recycles the same units
+        the same way."""
         if self._closed:
             raise RuntimeError("deadwatch: recycle() called on a closed monitor")
         if units not in config_mod.RECYCLE_UNITS:
             raise ValueError(f"deadwatch: recycle(units=...) must be one of {', '.join(config_mod.RECYCLE_UNITS)}, "
                              f"got {units!r}")
-        return self._recycle(self.report(), optimizer if optimizer is not None else self.optimizer, sites, units)
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if optimizer is None:
+            raise DeadwatchError("recycle() resets the optimizer state (Adam's moments, momentum) of the rows and "
+                                 "columns it redraws and zeroes, and no optimizer is known: pass "
+                                 "recycle(optimizer=opt) or watch(model, optimizer=opt, ...)")
+        return self._recycle(self.report(), optimizer, sites, units)
 
     def _recycle(self, report: analysis.Report, optimizer: torch.optim.Optimizer | None, sites: Any, units: str,
                  max_fraction: float | None = None) -> dict[str, list[int]]:
         from .recycle import Recycler
         if self._recycler is None:
-            self._recycler = Recycler(self._capture)
+            self._recycler = Recycler(self._capture, self._sitemap)
         result = self._recycler.run(report, optimizer, sites, units, self.steps, max_fraction)
         if result:
             for reporter in list(self._reporters):
@@ -144,6 +157,13 @@ class Monitor:
                     except Exception as e:
                         self._drop(reporter, e)
         return result
+
+    def site_layers(self) -> dict[str, SiteLayers]:
+        """The layers around each site, read from the autograd graph of the forward in which it was first
+        found (see deadwatch.sitemap), by site name as in Report.layers. Local to this process."""
+        layout = self._capture.layout()
+        names = dict(zip((key for key, _ in layout), self._capture.names([key for key, _ in layout])))
+        return {name: self._sitemap.get(key, names) for key, name in names.items()}
 
     def report(self) -> analysis.Report:
         """The verdict now; resets nothing. Collective under torch.distributed."""
@@ -159,6 +179,7 @@ class Monitor:
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
         report = analysis.Report(step=self.steps, window=self.config.window, layers=layers)
         self._explain(report, figures, local=same)
+        self._certify(report)
         return report
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,10 +258,12 @@ class Monitor:
             key = f.name
             if id(layer) not in flagged or not layer.dead_units or f.last_fired is None:
                 continue
-            bias = self._capture.biases.get(key) if local else None
-            if bias is not None and type(bias[0].detach()) is not torch.Tensor:  # FSDP's DTensor: a shard here
+            around = self._sitemap.get(key, {}) if local else None
+            bias = around.shift(self._capture.model) if around is not None else None
+            if bias is not None and (type(bias[0].detach()) is not torch.Tensor  # FSDP's DTensor: a shard here
+                                     or bias[0].numel() != len(f.last_fired)):
                 bias = None
-            feeding = by_key.get(self._capture.inputs.get(key)) if local else None
+            feeding = by_key.get(self._sitemap.inputs.get(key)) if local else None
             layer.causes = causes.explain(causes.Evidence(
                 dead_units=layer.dead_units, last_fired=np.where(f.last_fired >= 0, f.last_fired + 1, -1),
                 bias=bias[0].detach().float().cpu().numpy() if bias is not None else None,
@@ -266,6 +289,12 @@ class Monitor:
         if why is not None:
             warnings.warn(f"deadwatch: {why}", RuntimeWarning, stacklevel=3)
 
+    def _certify(self, report: analysis.Report) -> None:
+        """Certified units: dead for every input, from the weights (and, training, the optimizer)."""
+        from . import certify
+        layers, kinds = certify.site_map(self)
+        certify.annotate(report, self._capture.model, layers, kinds, self.optimizer, training=not self._scan)
+
     def _final_report_after(self, error: BaseException) -> None:
         try:
             report = self.report()
@@ -280,9 +309,18 @@ class Monitor:
         self._reported_step = self.steps
         self._registry.reset_interval()
         self._emit(report)
-        every = self.config.recycle_every * self.config.report_every  # steps: the same after a resume
-        if every and self.steps % every == 0 and not self._closed:  # automatic recycling; not at close
-            self._recycle(report, self.optimizer, None, self.config.recycle_units, self.config.recycle_max_fraction)
+
+    def _auto_recycle(self) -> None:
+        """Automatic recycling, one step after every recycle.every-th report: never at the last report
+        (a run that ends there leaves its log, summary and report() in agreement, and no unit is
+        recycled that could not train), on a verdict that includes the step just ended. It warns and
+        training goes on where it cannot run."""
+        try:
+            self._recycle(self.report(), self.optimizer, None, self.config.recycle_units,
+                          self.config.recycle_max_fraction)
+        except Exception as e:
+            warnings.warn(f"deadwatch: automatic recycling at step {self.steps} failed ({type(e).__name__}: {e}); "
+                          f"nothing was recycled, training goes on", RuntimeWarning, stacklevel=3)
 
     def _emit(self, report: analysis.Report) -> None:
         for reporter in list(self._reporters):

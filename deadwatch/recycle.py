@@ -1,20 +1,18 @@
 """Recycling dead and dormant units (ReDo, Sokar et al. 2023): the cure, opt in.
 
-For each recycled unit u of a site whose producer layer P feeds the activation and whose consumer layer
-C reads it: P's row u (weight and bias) is drawn afresh as P.reset_parameters() would draw it, a batch
-norm between P and the activation gets channel u's affine and running statistics back to their start
-values, C's column u (input channel u of a conv) is zeroed, and the optimizer's per-parameter state of
-exactly those rows and columns is reset. Everything else keeps its values bit for bit.
+For each recycled unit u of a site, on the map of the layers around it (deadwatch/sitemap.py, read from
+the autograd graph of a real forward): every producer's row u (weight and bias; a gated MLP's gate and
+up) is drawn afresh as its reset_parameters() would draw it, a batch norm between the producer and the
+activation gets channel u's affine and running statistics back to their start values, EVERY consumer's
+column u (input channel u of a conv) is zeroed, and the optimizer's per-parameter state of exactly
+those rows and columns is reset. Everything else keeps its values bit for bit; a dead unit's output was
+0, and no layer reads it now, so the network's function is unchanged at the moment of recycling.
 
-P, the norm and C are found from the model and the autograd graph:
-- when capture first sees a site (with a graph), capture/producer.py walks back from its output through
-  ops that keep units apart (views, dropout, scaling) to the layer that made it (through one norm at
-  most), notes which earlier site that layer reads straight from, and which earlier sites reach this
-  one's pre-activation without a layer in between (a residual add, a product): Capture.layers, .fed;
-- plan() runs at recycle time and adds the module structure: in an nn.Sequential each child reads the
-  previous one's output only; elsewhere C is the next layer registered after P, which the graph must
-  not contradict. A gated MLP (act(gate(x)) * up(x) -> down) is recognised by its three layers.
-Sites where this is not unambiguous are skipped with one warning naming the site and why.
+A site is skipped, with one warning naming it and why, when its layers could not be mapped, its
+channels are coupled to other tensors (a residual add, a concatenation), a layer is used more than once
+per forward or shared, a layer is not a plain Linear/Conv/HF Conv1D with its own weight and bias (weight
+norm, other parametrisations), a norm between is not a batch norm, or the sizes do not match its units.
+Every check runs, and every new row is drawn, before anything changes.
 """
 
 from __future__ import annotations
@@ -27,11 +25,12 @@ from typing import TYPE_CHECKING, Any, Hashable, Iterable, NamedTuple
 import torch
 from torch import nn
 
-from .capture.producer import is_norm
+from .sitemap import SiteLayers, is_conv1d, is_layer
 
 if TYPE_CHECKING:
     from .analysis import LayerReport, Report
     from .capture.hooks import Capture
+    from .sitemap import SiteMap
 
 # The optimizer state entries shaped like their parameter, and what they start at (others: 0).
 STATE_START = {"sum": "initial_accumulator_value", "step_size": "lr"}  # Adagrad, Rprop: from the param group
@@ -40,16 +39,6 @@ KNOWN_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "sq
 
 
 # -- layers
-def is_conv1d(m: nn.Module) -> bool:
-    """Hugging Face's Conv1D (GPT-2): a linear layer whose weight is stored (in, out)."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor)
-
-
-def is_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or is_conv1d(m) or (
-        isinstance(m, nn.modules.conv._ConvNd) and not m.transposed)
-
-
 def out_units(m: nn.Module) -> int | None:
     if isinstance(m, nn.Linear):
         return m.out_features
@@ -75,143 +64,30 @@ def _col_dim(m: nn.Module) -> int:
     return 0 if is_conv1d(m) else 1
 
 
-# Modules between an activation and the layer reading it that keep channels apart (checked by sizes).
-PASSING = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
-           nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-           nn.modules.pooling._AdaptiveMaxPoolNd)
-
-
 # -- plans: which layers a site's units touch
 class Plan(NamedTuple):
-    rows: tuple[str, ...]   # module paths whose unit rows are drawn afresh: the producer (and a gate's up)
-    norm: str | None        # a batch norm between the producer and the activation
-    consumer: str           # the module path whose unit columns are zeroed
-
-
-def _parent(path: str) -> str:
-    return path.rpartition(".")[0]
-
-
-def _children(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
-    prefix = f"{path}." if path else ""
-    return [(prefix + name, m) for name, m in model.get_submodule(path)._modules.items() if m is not None]
-
-
-def _first_leaf(model: nn.Module, path: str) -> str:
-    """Where a Sequential's forward starts: its first child, recursively."""
-    m = model.get_submodule(path)
-    while isinstance(m, nn.Sequential) and len(m):
-        path, m = _children(model, path)[0]
-    return path
-
-
-def _after_in_sequence(model: nn.Module, path: str, index: int) -> str | None:
-    """The module that reads child `index` of the Sequential at `path`: the next child, or, after the
-    last, the next one of the Sequential holding this one; None where a forward of other code follows."""
-    while True:
-        children = _children(model, path)
-        if index + 1 < len(children):
-            return _first_leaf(model, children[index + 1][0])
-        if not path:
-            return None
-        parent = _parent(path)
-        if not isinstance(model.get_submodule(parent), nn.Sequential):
-            return None
-        index = [p for p, _ in _children(model, parent)].index(path)
-        path = parent
+    rows: tuple[str, ...]        # module paths whose unit rows are drawn afresh: the producers
+    norm: str | None             # a batch norm between the producer and the activation
+    consumers: tuple[str, ...]   # the module paths whose unit columns are zeroed
 
 
 class Skip(Exception):
     """A site that is not recycled, and why."""
 
 
-def plan(capture: Capture, key: Any, units: int, occurrences: dict[int, int]) -> Plan:
-    """The layers a site's units touch, or Skip saying why they cannot be told apart."""
-    found = _plan(capture, key, units, occurrences)  # first: a sharded layer says so, whatever its graph showed
-    fed = capture.fed.get(key)
-    if fed is not None:
-        raise Skip(f"its output also reaches site {str(fed)!r} without a layer in between (a residual add or a "
-                   f"product), so zeroing one layer's columns would not keep the network's function")
-    return found
-
-
-def _plan(capture: Capture, key: Any, units: int, occurrences: dict[int, int]) -> Plan:
-    model = capture.model
-    tr = capture.layers.get(key)
-    act_path = key.path if key.function is None else None
-    holder = _parent(key.path) if key.function is None else key.path   # the module whose forward runs it
-    seq = key.function is None and key.path != "" and isinstance(model.get_submodule(holder), nn.Sequential)
-    producer = norm = consumer = None
-    if seq:  # each child reads the previous child's output only
-        children = _children(model, holder)
-        act = model.get_submodule(act_path)
-        at = [i for i, (_, m) in enumerate(children) if m is act]
-        if key.call >= len(at):
-            raise Skip("its activation module is also called outside its nn.Sequential")
-        i = at[key.call]
-        before = [(p, m) for p, m in children[:i]]
-        while before and isinstance(before[-1][1], PASSING):
-            before.pop()
-        if before and is_norm(before[-1][1]):
-            norm = before.pop()[0]
-            while before and isinstance(before[-1][1], PASSING):
-                before.pop()
-        if not before or not is_layer(before[-1][1]):
-            raise Skip("no Linear, Conv or HF Conv1D registered just before it in its nn.Sequential")
-        producer = before[-1][0]
-        consumer = _after_in_sequence(model, holder, i)
-        while consumer is not None and isinstance(model.get_submodule(consumer), PASSING):
-            consumer = _after_in_sequence(model, _parent(consumer),
-                                          [p for p, _ in _children(model, _parent(consumer))].index(consumer))
-        if tr is not None and tr.producer is not None and (tr.producer, tr.norm) != (producer, norm):
-            raise Skip(f"the autograd graph shows {tr.producer!r} feeding it, its nn.Sequential {producer!r}")
-    else:
-        if tr is None or tr.producer is None:
-            raise Skip(tr.why if tr is not None else "it was not traced when first seen")
-        producer, norm = tr.producer, tr.norm
-        if key.function is None and key.path in capture.multi_call:
-            raise Skip("its activation module is called several times per forward, outside an nn.Sequential")
-        if _parent(producer) != holder:
-            raise Skip(f"its producer {producer!r} is not registered in the module that runs the activation")
-        children = _children(model, holder)
-        paths = [p for p, _ in children]
-        gated = _gated(model, children, producer, units)
-        if gated is not None:
-            return _checked(model, Plan((producer, gated[0]), norm, gated[1]), units, occurrences)
-        start = paths.index(producer)
-        if act_path is not None:
-            others = [p for p, m in children[start + 1:paths.index(act_path)]
-                      if p != producer and is_layer(m) and out_units(m) == units]
-            if others:
-                raise Skip(f"{others[0]!r} is registered between its producer and it (a gated product?)")
-            start = max(start, paths.index(act_path))
-        # the layer reading its units: the only one beside the producer, else the first registered after it
-        readers = [i for i, (p, m) in enumerate(children) if p != producer and is_layer(m) and in_units(m) == units]
-        later = [i for i in readers if i > start]
-        pick = readers[0] if len(readers) == 1 else later[0] if later else None
-        consumer = paths[pick] if pick is not None else None
-    if consumer is None or not is_layer(model.get_submodule(consumer)):
-        raise Skip("no Linear, Conv or HF Conv1D is registered right after it to read its units")
-    seen = {t.producer for t in capture.layers.values() if t.reads == key and t.producer is not None}
-    if seen and seen != {consumer}:
-        raise Skip(f"the autograd graph shows {sorted(seen)} reading it, the module order {consumer!r}")
-    return _checked(model, Plan((producer,), norm, consumer), units, occurrences)
-
-
-def _gated(model: nn.Module, children: list[tuple[str, nn.Module]], producer: str, units: int
-           ) -> tuple[str, str] | None:
-    """(up, down) of a gated MLP, act(gate(x)) * up(x) -> down, as in LLaMA: the module running the
-    activation holds exactly two layers with `units` outputs (the producer, the gate, is one), one
-    layer reading `units`, and the three are distinct."""
-    makers = [p for p, m in children if is_layer(m) and out_units(m) == units]
-    readers = [p for p, m in children if is_layer(m) and in_units(m) == units]
-    if len(makers) == 2 and producer in makers and len(readers) == 1 and readers[0] not in makers:
-        return next(p for p in makers if p != producer), readers[0]
-    return None
-
-
-def _checked(model: nn.Module, p: Plan, units: int, occurrences: dict[int, int]) -> Plan:
-    for path in (*p.rows, p.norm, p.consumer):
+def plan(model: nn.Module, around: SiteLayers, units: int, occurrences: dict[int, int],
+         sharded: str | None = None) -> Plan:
+    """The layers a site's units touch, or Skip saying why they cannot be recycled exactly. `sharded`: a
+    sharded parameter of the model (FSDP), whose layers the graph shows under other tensors."""
+    if around.why is not None:
+        raise Skip(f"{sharded} is sharded (FSDP?): its layers cannot be mapped or reset here" if sharded else around.why)
+    if around.coupled is not None:
+        raise Skip(f"{around.coupled}: its channels are coupled to other tensors, so new rows would change them")
+    if around.repeated:
+        raise Skip(f"{around.repeated[0]!r} is used more than once per forward (shared weights, or a module "
+                   f"called several times)")
+    p = Plan(around.producers, around.norm, around.consumers)
+    for path in (*p.rows, p.norm, *p.consumers):
         if path is None:
             continue
         m = model.get_submodule(path)
@@ -220,21 +96,32 @@ def _checked(model: nn.Module, p: Plan, units: int, occurrences: dict[int, int])
         for name, param in m.named_parameters(recurse=False):
             if occurrences.get(id(param), 0) > 1:
                 raise Skip(f"{path}.{name} is shared with another layer (tied weights)")
-            if type(param.data) is not torch.Tensor or isinstance(param, torch.Tensor) and param.is_meta:
+            if type(param.data) is not torch.Tensor or param.is_meta:
                 raise Skip(f"{path}.{name} is sharded or not materialised ({type(param.data).__name__}): "
                            f"its rows cannot be reset here")
+        if path == p.norm:
+            continue
+        if nn.utils.parametrize.is_parametrized(m):
+            raise Skip(f"{path!r} has parametrisations ({', '.join(m.parametrizations)}: "
+                       f"nn.utils.parametrizations.weight_norm?): its rows and columns are not its weight's")
+        other = [name for name, _ in m.named_parameters(recurse=False) if name not in ("weight", "bias")]
+        if other:
+            raise Skip(f"{path}.{other[0]} is not a weight or bias reset_parameters() draws "
+                       f"(nn.utils.weight_norm?): its rows and columns cannot be reset")
     for path in p.rows:
-        if out_units(model.get_submodule(path)) != units:
+        m = model.get_submodule(path)
+        if not is_layer(m):
+            raise Skip(f"its producer {path!r} ({type(m).__name__}) is not a Linear, Conv or HF Conv1D")
+        if out_units(m) != units:
             raise Skip(f"its producer {path!r} does not have {units} outputs")
-    if in_units(model.get_submodule(p.consumer)) != units:
-        raise Skip(f"its consumer {p.consumer!r} does not read {units} units (grouped conv, or flattened maps)")
+    for path in p.consumers:
+        if in_units(model.get_submodule(path)) != units:
+            raise Skip(f"its consumer {path!r} does not read {units} units (grouped conv, or flattened maps)")
     if p.norm is not None:
         norm = model.get_submodule(p.norm)
         if not isinstance(norm, nn.modules.batchnorm._NormBase):
             raise Skip(f"{p.norm!r} ({type(norm).__name__}) normalises across units: a new row would change every "
                        f"unit's output")
-        if norm.num_features != units:
-            raise Skip(f"its norm {p.norm!r} does not have {units} channels")
     return p
 
 
@@ -266,11 +153,26 @@ def fresh(m: nn.Module, seed_: int) -> dict[str, torch.Tensor]:
             if "bias" in shapes:
                 new["bias"] = torch.zeros(shapes["bias"].shape, dtype=shapes["bias"].dtype)
             return new
-        tmp = copy.copy(m)  # same class and sizes; its own parameters, on the CPU
-        tmp._parameters = {name: nn.Parameter(torch.empty(p.shape, dtype=p.dtype)) for name, p in shapes.items()}
+        tmp = copy.copy(m)  # same class and sizes; its own parameters, on the CPU; bias=None stays None
+        tmp._parameters = {name: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype))
+                           for name, p in m._parameters.items()}
         tmp._buffers, tmp._modules = {}, {}
         tmp.reset_parameters()
-        return {name: p.detach() for name, p in tmp._parameters.items()}
+        return {name: p.detach() for name, p in tmp._parameters.items() if p is not None}
+
+
+def draw(model: nn.Module, p: Plan, units: list[int], step: int, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The producers' new rows for `units` (CPU), drawn before anything changes: Skip if one cannot be."""
+    index = torch.tensor(units, dtype=torch.long)
+    rows = {}
+    for path in p.rows:
+        m = model.get_submodule(path)
+        try:
+            new = fresh(m, seed(step, name, path))
+        except Exception as e:
+            raise Skip(f"its producer {path!r}: reset_parameters() failed ({type(e).__name__}: {e})") from None
+        rows[path] = {pname: t.index_select(_row_dim(m) if pname == "weight" else 0, index) for pname, t in new.items()}
+    return rows
 
 
 class Touched(NamedTuple):
@@ -279,17 +181,16 @@ class Touched(NamedTuple):
     index: torch.Tensor   # on the parameter's device
 
 
-def renew(model: nn.Module, p: Plan, units: list[int], step: int, name: str) -> list[Touched]:
-    """Draw the units' rows afresh and reset the norm's channels. Returns the parameter slices touched."""
+def renew(model: nn.Module, p: Plan, units: list[int], rows: dict[str, dict[str, torch.Tensor]]) -> list[Touched]:
+    """Put the new rows in and reset the norm's channels. Returns the parameter slices touched."""
     touched = []
     with torch.no_grad():
         for path in p.rows:
             m = model.get_submodule(path)
-            new = fresh(m, seed(step, name, path))
             for pname, param in m.named_parameters(recurse=False):
                 dim = _row_dim(m) if pname == "weight" else 0
                 index = torch.tensor(units, dtype=torch.long, device=param.device)
-                param.index_copy_(dim, index, new[pname].index_select(dim, index.cpu()).to(param.device))
+                param.index_copy_(dim, index, rows[path][pname].to(param.device))
                 touched.append(Touched(param, dim, index))
         if p.norm is not None:
             norm = model.get_submodule(p.norm)
@@ -303,14 +204,17 @@ def renew(model: nn.Module, p: Plan, units: list[int], step: int, name: str) -> 
     return touched
 
 
-def zero(model: nn.Module, p: Plan, units: list[int]) -> Touched:
-    """Zero the consumer's weights that read the units (after every renew(): a consumer that is also a
+def zero(model: nn.Module, p: Plan, units: list[int]) -> list[Touched]:
+    """Zero every consumer's weights that read the units (after every renew(): a consumer that is also a
     producer keeps these zeros)."""
-    c = model.get_submodule(p.consumer)
-    index = torch.tensor(units, dtype=torch.long, device=c.weight.device)
+    touched = []
     with torch.no_grad():
-        c.weight.index_fill_(_col_dim(c), index, 0.0)
-    return Touched(c.weight, _col_dim(c), index)
+        for path in p.consumers:
+            c = model.get_submodule(path)
+            index = torch.tensor(units, dtype=torch.long, device=c.weight.device)
+            c.weight.index_fill_(_col_dim(c), index, 0.0)
+            touched.append(Touched(c.weight, _col_dim(c), index))
+    return touched
 
 
 def reset_state(optimizer: torch.optim.Optimizer, touched: list[Touched]) -> set[str]:
@@ -342,12 +246,17 @@ def reset_state(optimizer: torch.optim.Optimizer, touched: list[Touched]) -> set
 
 def restart_counters(site: Any, units: list[int], step: int) -> None:
     """The recycled units' counters start over: alive as if they fired at the last completed step (0-based
-    step - 1), so they have `window` steps to fire before they count as dead again, and their interval
-    counts are emptied."""
+    step - 1), so they have `window` steps to fire before they count as dead again. The site's interval
+    starts over for all its units (sums and observations alike), so firing rates and dormancy are judged
+    on the steps since the recycling, never on sums emptied for some units only."""
+    from .stats import INTERVAL
+
     index = torch.tensor(units, dtype=torch.long, device=site.counters.device)
     site.buffer("last_fired").index_fill_(0, index, step - 1)
-    for name in ("fired", "abs_sum", "near"):
-        site.buffer(name).index_fill_(0, index, 0)
+    for name in INTERVAL:
+        site.buffer(name).zero_()
+    site.observations = 0
+    site.counters.obs[site.index] = 0   # the compiled path's count of the interval, not yet settled
 
 
 def chosen(layer: LayerReport, which: str, max_fraction: float | None) -> list[int]:
@@ -366,8 +275,9 @@ def chosen(layer: LayerReport, which: str, max_fraction: float | None) -> list[i
 class Recycler:
     """Monitor.recycle(): plans per site, one warning per skipped site."""
 
-    def __init__(self, capture: Capture):
+    def __init__(self, capture: Capture, sitemap: SiteMap):
         self.capture = capture
+        self.sitemap = sitemap
         self.warned: set[Hashable] = set()
 
     def run(self, report: Report, optimizer: torch.optim.Optimizer | None, sites: Iterable[str] | None, which: str,
@@ -375,8 +285,10 @@ class Recycler:
         from . import sync
 
         layout = self.capture.layout()
-        names = self.capture.names([key for key, _ in layout])
+        keys = [key for key, _ in layout]
+        names = self.capture.names(keys)
         by_name = {name: (key, site) for name, (key, site) in zip(names, layout)}
+        name_of = dict(zip(keys, names))
         layers = {layer.name: layer for layer in report.layers}
         if sites is None:
             wanted = list(layers)
@@ -387,7 +299,8 @@ class Recycler:
                 raise KeyError(f"deadwatch: recycle(sites=...): no site {unknown[0]!r}; sites: {', '.join(layers)}")
         model = self.capture.model
         shared = occurrences(model)
-        todo: dict[str, tuple[Plan | None, list[int], str | None]] = {}
+        sharded = next((n for n, p in model.named_parameters() if type(p.data) is not torch.Tensor), None)
+        todo: dict[str, tuple[Plan | None, list[int], Any]] = {}   # name -> (plan, units, new rows or why)
         for name in wanted:
             units = chosen(layers[name], which, max_fraction)
             if not units:
@@ -397,28 +310,31 @@ class Recycler:
                 todo[name] = (None, units, "it has not run in this process")
                 continue
             try:
-                todo[name] = (plan(self.capture, key, site.units, shared), units, None)
+                p = plan(model, self.sitemap.get(key, name_of), site.units, shared, sharded)
+                todo[name] = (p, units, draw(model, p, units, step, name))
             except Skip as e:
                 todo[name] = (None, units, str(e))
         if sync.distributed():  # every rank must recycle the same sites the same way
             import torch.distributed as dist
 
             gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, {n: (tuple(p) if p else None, why) for n, (p, _, why) in todo.items()})
+            mine = {n: (tuple(p) if p else None, None if p else why) for n, (p, _, why) in todo.items()}
+            dist.all_gather_object(gathered, mine)
             for name, (p, units, why) in list(todo.items()):
                 if any(g.get(name, (None, "absent"))[0] != (tuple(p) if p else None) for g in gathered):
                     whys = [g.get(name, (None, "it has not run there"))[1] for g in gathered]
-                    todo[name] = (None, units, why or next((w for w in whys if w), "the ranks found other layers"))
+                    todo[name] = (None, units, mine[name][1] or next((w for w in whys if w),
+                                                                     "the ranks found other layers"))
         result: dict[str, list[int]] = {}
         for name, (p, units, why) in todo.items():
             if p is None and name not in self.warned:
                 self.warned.add(name)
                 warnings.warn(f"deadwatch: recycle: site {name!r} skipped: {why}", RuntimeWarning, stacklevel=4)
-        plans = [(name, p, units) for name, (p, units, _) in todo.items() if p is not None]
-        touched = [t for name, p, units in plans for t in renew(model, p, units, step, name)]
-        touched += [zero(model, p, units) for _, p, units in plans]
-        left = reset_state(optimizer, touched) if optimizer is not None else set()
-        for name, _, units in plans:
+        plans = [(name, p, units, rows) for name, (p, units, rows) in todo.items() if p is not None]
+        touched = [t for _, p, units, rows in plans for t in renew(model, p, units, rows)]
+        touched += [t for _, p, units, _ in plans for t in zero(model, p, units)]
+        left = reset_state(optimizer, touched)
+        for name, _, units, _ in plans:
             restart_counters(by_name[name][1], units, step)
             result[name] = units
         if left:

@@ -2,7 +2,7 @@
 
 A ReLU MLP learns scikit-learn's bundled 8x8 digits (no download) with Adam at a learning rate high
 enough (0.05) to kill 30% of its units early on. The second run turns on deadwatch's automatic recycling
-(`recycle: {every: 1, units: dead, max_fraction: ...}`): at every report, dead units get fresh incoming
+(`recycle: {every: 1, units: dead, max_fraction: ...}`): one step after every report, dead units get fresh incoming
 weights, zeroed outgoing weights and a clean optimizer state. Both runs print their dead fraction and
 loss over time and their final accuracy on held-out digits.
 
@@ -68,7 +68,7 @@ def run(name, logdir, x, y, x_test, y_test, recycle):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            monitor.step()                      # reports every REPORT_EVERY steps, then recycles if `recycle` is on
+            monitor.step()                      # reports every REPORT_EVERY steps; with `recycle`, recycles one step later
     rows = [(r.step, r.dead_fraction, sum(losses[r.step - REPORT_EVERY:r.step]) / REPORT_EVERY) for r in kept.reports]
     with torch.no_grad():
         accuracy = (net.eval()(x_test).argmax(1) == y_test).float().mean().item()
@@ -86,7 +86,7 @@ def main():
     recycled, recycled_acc, units = run("recycled", logdir, x, y, x_test, y_test, recycle=True)
 
     print(f"Adam lr {LR}, {STEPS} steps; dead fraction (window {REPORT_EVERY} steps) and mean loss per "
-          f"{REPORT_EVERY} steps (the dead fraction at each report, before its recycling)")
+          f"{REPORT_EVERY} steps (the dead fraction at each report; recycling follows one step later)")
     print(f"{'step':>6} | {'plain dead':>10} {'loss':>7} | {'recycled dead':>13} {'loss':>7}")
     for (step, dead_a, loss_a), (_, dead_b, loss_b) in zip(plain, recycled):
         print(f"{step:>6} | {100 * dead_a:>9.1f}% {loss_a:>7.3f} | {100 * dead_b:>12.1f}% {loss_b:>7.3f}")

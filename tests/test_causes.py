@@ -154,8 +154,8 @@ def test_causes_travel_in_the_run_log_and_the_summary(tmp_path, capsys):
 
 
 def test_without_a_graph_the_bias_comes_from_the_layers_around():
-    """Forwards under no_grad leave no autograd graph: the producer is the layer registered just before
-    the activation, so planted negative biases are still named."""
+    """Forwards under no_grad leave no autograd graph: in an nn.Sequential, whose children run in order, the
+    producer is the layer before the activation, so planted negative biases are still named."""
     net, (x, _) = _net(), _data(nonnegative=True)
     with torch.no_grad():
         net[0].bias[:8] = -1e4

@@ -89,3 +89,24 @@ def test_recycle_example(tmp_path):
     assert accuracy, out
     assert plain.last.dead_fraction > recycled.last.dead_fraction    # fewer units dead at the end
 
+
+
+def test_prune_example(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torch_pruning")
+    out, logdir = run_example("prune_dead_units.py", tmp_path)
+    assert logdir == tmp_path
+    trained = {layer.name: layer for layer in runlog.read(str(logdir)).last.layers}
+    assert trained["2"].certified_units and trained["5"].certified_units       # certified while training (SGD)
+    scanned = {site: (int(c), int(d)) for site, c, d in re.findall(r"^  (\S+): (\d+) of \d+ channels certified, "
+                                                                   r"(\d+) dead on the test digits$", out, re.M)}
+    assert set(scanned) == {"2", "5"} and all(c > 0 for c, _ in scanned.values())
+    removed = dict(re.findall(r"^  (\S+): removed (\d+) unit\(s\)$", out, re.M))
+    assert {site: int(n) for site, n in removed.items()} == {site: c for site, (c, _) in scanned.items()}
+    rows = dict((name, row.split()) for name, row in re.findall(r"^\s+(before|after)\s+(.+)$", out, re.M))
+    params = {name: int(row[0].replace(",", "")) for name, row in rows.items()}
+    macs = {name: int(row[1].replace(",", "")) for name, row in rows.items()}
+    assert params["after"] < params["before"] and macs["after"] < macs["before"]
+    assert rows["before"][3] == rows["after"][3]                                   # accuracy unchanged
+    assert "same predictions on all 400 test digits: True" in out
+    assert float(re.search(r"largest output difference (\S+)$", out, re.M).group(1)) <= 1e-5

@@ -1,17 +1,14 @@
-"""Recycling dead and dormant units (issue 11): Monitor.recycle() and the automatic `recycle` config.
+"""Recycling dead and dormant units (issues 11, 16): Monitor.recycle() and the automatic `recycle` config.
 
 Planted models: a bias of -1e4 kills a unit exactly (its ReLU/SiLU output is 0 for every input).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import subprocess
 import sys
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,8 @@ from torch import nn
 
 import deadwatch
 from deadwatch.reporters import runlog
+
+import layouts
 
 BIN = Path(sys.executable).parent
 
@@ -179,10 +178,14 @@ def test_sites_and_units_arguments(x):
     with deadwatch.watch(net, reporters=[], window=3) as monitor:
         train(net, monitor, opt, 3, x)
         with pytest.raises(KeyError, match="no site 'nope'"):
-            monitor.recycle(sites=["nope"])
+            monitor.recycle(opt, sites=["nope"])
         with pytest.raises(ValueError, match="dead, dormant"):
-            monitor.recycle(units="zombie")
-        assert monitor.recycle(sites="3") == {"3": [2]}
+            monitor.recycle(opt, units="zombie")
+        weights = snapshot(net)
+        with pytest.raises(deadwatch.DeadwatchError, match=r"no optimizer is known: pass recycle\(optimizer=opt\)"):
+            monitor.recycle()          # none given here nor to watch(): stale moments would steer the new rows
+        assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+        assert monitor.recycle(opt, sites="3") == {"3": [2]}
 
 
 class GeluNet(nn.Module):
@@ -215,78 +218,9 @@ def test_dormant_units_at_function_sites(x):
     assert not torch.equal(before, after) and torch.allclose(before, after, atol=1e-3)
 
 
-class LlamaMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), as in LLaMA (with biases here, to plant dead units)."""
-
-    def __init__(self, functional=False):
-        super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 16)
-        self.act_fn = None if functional else nn.SiLU()
-        with torch.no_grad():
-            self.gate_proj.bias[[0, 7]] = -1e4
-
-    def forward(self, x):
-        gate = F.silu(self.gate_proj(x)) if self.act_fn is None else self.act_fn(self.gate_proj(x))
-        return self.down_proj(gate * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, functional):
-        super().__init__()
-        self.mlp = LlamaMLP(functional)
-        self.head = nn.Linear(16, 2)
-
-    def forward(self, x):
-        return self.head(x + self.mlp(x))
-
-
-@pytest.mark.parametrize("functional", [False, True], ids=["SiLU module", "F.silu"])
-def test_gated_mlp(x, functional):
-    torch.manual_seed(0)
-    net = Block(functional)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    with deadwatch.watch(net, reporters=[], window=3, optimizer=opt) as monitor:
-        train(net, monitor, opt, 4, x)
-        for state in opt.state.values():
-            for value in state.values():
-                if value.ndim:
-                    value.add_(torch.rand(value.shape))
-        weights, state = snapshot(net), state_snapshot(opt)
-        before = net(x)
-        recycled = monitor.recycle()
-        after = net(x)
-    site = "mlp.silu#0" if functional else "mlp.act_fn"
-    assert recycled == {site: [0, 7]}
-    assert torch.equal(before, after)
-    touched = {"mlp.gate_proj.weight": 0, "mlp.gate_proj.bias": 0, "mlp.up_proj.weight": 0, "mlp.up_proj.bias": 0,
-               "mlp.down_proj.weight": 1}
-    for name, p in net.named_parameters():
-        keep = torch.ones(p.shape, dtype=torch.bool)
-        if name in touched:
-            keep.index_fill_(touched[name], torch.tensor([0, 7]), False)
-            assert not torch.equal(p[~keep], weights[name][~keep]), name
-        assert torch.equal(p.detach()[keep], weights[name][keep]), name
-        assert all(torch.equal(v[keep], state[id(p)][k][keep]) and not v[~keep].any()
-                   for k, v in opt.state[p].items() if v.ndim), name
-    assert not net.mlp.down_proj.weight[:, [0, 7]].any()
-
-
-class Residual(nn.Module):
-    """act(fc(x) + x): a residual add between the layer and the activation."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.act, self.out = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
-        with torch.no_grad():
-            self.fc.bias[3] = -1e4
-
-    def forward(self, x):
-        return self.out(self.act(self.fc(x) + x))
-
-
 def test_ambiguous_site_is_skipped_with_one_warning(x):
     torch.manual_seed(0)
-    net = Residual()
+    net = layouts.Residual()
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     with deadwatch.watch(net, reporters=[], window=3) as monitor:
         train(net, monitor, opt, 3, x)
@@ -405,20 +339,43 @@ def test_automatic_mode_logs_each_recycling(tmp_path, x, capsys):
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     with deadwatch.watch(net, logdir=tmp_path, window=3, report_every=4, optimizer=opt,
                          recycle={"every": 2, "max_fraction": 0.05}) as monitor:
-        train(net, monitor, opt, 8, x)
-        recycled = monitor.report()
+        train(net, monitor, opt, 10, x)
     out = capsys.readouterr().out
-    # at step 8 (the 2nd report): at most 5% of 32 units, i.e. 1 per site, the lowest index among equals
-    assert "deadwatch: step 8: recycled 2 units: 1 1, 3 1" in out
-    assert recycled.layer("1").dead_units == [3, 5] and recycled.layer("3").dead_units == []
+    # one step after the 2nd report (step 8), on the verdict of step 9: at most 5% of 32 units, i.e. 1 per
+    # site, the lowest index among equals
+    assert "deadwatch: step 9: recycled 2 units: 1 1, 3 1" in out
     log = runlog.read(str(tmp_path))
-    assert [(r["step"], r["units"]) for _, r in log.recycles] == [(8, {"1": [1], "3": [2]})]
+    assert [(r["step"], r["units"]) for _, r in log.recycles] == [(9, {"1": [1], "3": [2]})]
     events = EventAccumulator(str(tmp_path)).Reload()
-    assert [(e.step, e.value) for e in events.Scalars("deadwatch/recycled/1")] == [(8, 1.0)]
+    assert [(e.step, e.value) for e in events.Scalars("deadwatch/recycled/1")] == [(9, 1.0)]
     summary = subprocess.run([str(BIN / "deadwatch"), "summary", str(tmp_path)], capture_output=True, text=True)
     assert summary.returncode == 0, summary.stderr
-    assert "recycled 2 units in 1 recycling (step 8): 1 1, 3 1" in summary.stdout
+    assert "recycled 2 units in 1 recycling (step 9): 1 1, 3 1" in summary.stdout
     assert "torn" not in summary.stdout + summary.stderr
+    # the run log's last report (the final one, at close), `summary` and report() tell the same verdict
+    final = monitor.report()
+    assert final.step == log.last.step == 10
+    assert [(l.name, l.dead_units) for l in log.last.layers] == [(l.name, l.dead_units) for l in final.layers] == \
+        [("1", [3, 5]), ("3", [])]
+    assert f"{final.dead_fraction:.1%} of 64 units dead" in summary.stdout
+
+
+def test_no_automatic_recycling_at_the_last_report(tmp_path, x):
+    """A run that ends at a report due for recycling: nothing is recycled after it, so the run log, `summary`
+    and report() agree, and no unit is redrawn that could not train."""
+    net = planted_mlp()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with deadwatch.watch(net, logdir=tmp_path, reporters=["jsonl"], window=3, report_every=4, optimizer=opt,
+                         recycle={"every": 2, "max_fraction": 1.0}) as monitor:
+        train(net, monitor, opt, 8, x)
+        weights = snapshot(net)
+    final = monitor.report()
+    log = runlog.read(str(tmp_path))
+    assert log.recycles == [] and all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+    assert log.last.step == final.step == 8
+    assert [l.dead_units for l in log.last.layers] == [l.dead_units for l in final.layers] == [[1, 3, 5], [2]]
+    summary = subprocess.run([str(BIN / "deadwatch"), "summary", str(tmp_path)], capture_output=True, text=True)
+    assert f"{final.dead_fraction:.1%} of 64 units dead" in summary.stdout
 
 
 def test_custom_reporter_without_recycled_keeps_working(x):
@@ -439,3 +396,335 @@ def test_custom_reporter_without_recycled_keeps_working(x):
                          recycle={"every": 1, "max_fraction": 1.0}) as monitor:
         train(net, monitor, opt, 4, x)
     assert plain.reports == [2, 4]
+
+
+# -- the common layouts of the issue: each recycled correctly, with Adam and with SGD momentum
+def fill_state(opt):
+    """Dead units get no gradient, so their optimizer state is 0: give every entry a value to reset."""
+    for state in opt.state.values():
+        for value in state.values():
+            if value.ndim:
+                value.add_(torch.rand(value.shape) + 0.1)
+
+
+OPTIMIZERS = {"adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+              "sgd-momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)}
+
+
+def _hf_out(model, batch):
+    out = model(batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+LAYOUTS = {   # name: (model, batch, output, site, dead units, {parameter: (dim, what)})
+    "conv-bn": (layouts.conv_bn, lambda: torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2)),
+                None, "2", [2, 6], {"0.weight": (0, "row"), "1.weight": (0, 1.0), "1.bias": (0, 0.0),
+                                    "3.weight": (1, "column")}),
+    "gated-mlp": (layouts.GatedMLP, layouts.gated_inputs, None, "act_fn", [0, 7],
+                  {"gate_proj.weight": (0, "row"), "up_proj.weight": (0, "row"), "down_proj.weight": (1, "column")}),
+    "gated-mlp-F.silu": (lambda: layouts.GatedMLP(functional=True), layouts.gated_inputs, None, "silu#0", [0, 7],
+                         {"gate_proj.weight": (0, "row"), "up_proj.weight": (0, "row"),
+                          "down_proj.weight": (1, "column")}),
+    "actor-critic": (layouts.ActorCritic, layouts.gated_inputs, None, "v_act", [3, 9],
+                     {"v1.weight": (0, "row"), "v1.bias": (0, "row"), "v.weight": (1, "column")}),
+    "two-heads": (layouts.TwoHeads, layouts.gated_inputs, None, "act", [1, 4],
+                  {"fc.weight": (0, "row"), "fc.bias": (0, "row"), "h1.weight": (1, "column"),
+                   "h2.weight": (1, "column")}),
+    "gpt2": (layouts.gpt2, layouts.token_ids, _hf_out, "transformer.h.0.mlp.act", [5, 9],
+             {"transformer.h.0.mlp.c_fc.weight": (1, "row"), "transformer.h.0.mlp.c_fc.bias": (0, "row"),
+              "transformer.h.0.mlp.c_proj.weight": (0, "column")}),
+    "bert": (layouts.bert, layouts.token_ids, _hf_out, "encoder.layer.0.intermediate.intermediate_act_fn", [0, 36],
+             {"encoder.layer.0.intermediate.dense.weight": (0, "row"),
+              "encoder.layer.0.intermediate.dense.bias": (0, "row"),
+              "encoder.layer.0.output.dense.weight": (1, "column")}),
+}
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_common_layouts_are_recycled_exactly(layout, make_opt):
+    make, batch, output, site, dead, touched = LAYOUTS[layout]
+    if layout in ("gpt2", "bert") and layouts.transformers is None:
+        pytest.skip("transformers is not installed")
+    torch.manual_seed(0)
+    model, x = make(), batch()
+    output = output or (lambda m, b: m(b))
+    opt = make_opt(model.parameters())
+
+    def train_steps(n):
+        for _ in range(n):
+            loss = output(model, x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step()
+
+    with deadwatch.watch(model, reporters=[], window=2, report_every=1000, optimizer=opt) as monitor:
+        train_steps(3)
+        assert monitor.report().layer(site).dead_units == dead
+        fill_state(opt)
+        weights, state = snapshot(model), state_snapshot(opt)
+        with torch.no_grad():   # train mode (batch norm: batch statistics) and eval mode (running ones; not counted)
+            before, before_eval = output(model, x), output(model.eval(), x)
+        assert monitor.recycle() == {site: dead}
+        with torch.no_grad():
+            after_eval, after = output(model, x), output(model.train(), x)
+        assert torch.equal(before, after) and torch.equal(before_eval, after_eval)   # bit for bit
+        index = torch.tensor(dead)
+        for name, p in model.named_parameters():
+            keep = torch.ones(p.shape, dtype=torch.bool)
+            if name in touched:
+                keep.index_fill_(touched[name][0], index, False)
+                new, what = p.detach()[~keep], touched[name][1]
+                if what == "row":
+                    assert not torch.equal(new, weights[name][~keep]), name      # drawn afresh
+                else:
+                    assert new.eq(0.0 if what == "column" else what).all(), name  # zeroed, or the norm's start
+            assert torch.equal(p.detach()[keep], weights[name][keep]), name      # everything else: bit for bit
+            for key, value in opt.state[p].items():
+                if value.ndim:
+                    assert torch.equal(value[keep], state[id(p)][key][keep]), (name, key)
+                    assert not value[~keep].any(), (name, key)                   # exactly those slices are 0
+                else:
+                    assert torch.equal(value, state[id(p)][key]), (name, key)    # Adam's step: per parameter
+        recycled_at = monitor.steps
+        train_steps(3)
+        last = monitor.report().layer(site).last_fired
+    assert recycled_at == 3 and all(last[u] == 6 for u in dead)   # they fire again: at the last training step
+
+
+@pytest.mark.parametrize("api", ["nn.utils.weight_norm", "parametrizations.weight_norm"])
+@pytest.mark.parametrize("where", ["producer", "consumer"])
+def test_weight_norm_layers_are_skipped_and_training_goes_on(x, api, where):
+    norm = nn.utils.weight_norm if api == "nn.utils.weight_norm" else nn.utils.parametrizations.weight_norm
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # torch deprecates nn.utils.weight_norm
+        first, last = nn.Linear(16, 32), nn.Linear(32, 2)
+        first, last = (norm(first), last) if where == "producer" else (first, norm(last))
+    net = nn.Sequential(first, nn.ReLU(), last)
+    with torch.no_grad():
+        net[0].bias[[1, 3]] = -1e4
+    opt = torch.optim.Adam(net.parameters(), lr=0.0)   # lr 0: any change would be recycling's
+    if where == "consumer":   # its weight is computed in forward: the map says so
+        why = r"'2' reads it with another tensor that needs grad \(a weight computed in its " \
+              r"forward, such as weight norm's\?\)"
+    elif api == "nn.utils.weight_norm":
+        why = r"0\.weight_g is not a weight or bias reset_parameters\(\) draws \(nn.utils.weight_norm\?\)"
+    else:
+        why = r"'0' has parametrisations \(weight: nn.utils.parametrizations.weight_norm\?\)"
+    with deadwatch.watch(net, reporters=[], window=2, report_every=2, optimizer=opt,
+                         recycle={"every": 1, "max_fraction": 1.0}) as monitor:
+        train(net, monitor, opt, 2, x)
+        weights = snapshot(net)
+        with pytest.warns(RuntimeWarning, match=rf"recycle: site '1' skipped: {why}"):
+            train(net, monitor, opt, 4, x)    # automatic recycling at step 3: skipped, step() goes on
+        assert monitor.steps == 6
+    assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+
+
+class Failing(nn.Linear):
+    def reset_parameters(self):
+        if hasattr(self, "ready"):
+            raise RuntimeError("no init here")
+        super().reset_parameters()
+
+
+def test_a_failing_reset_parameters_skips_before_anything_changes(x):
+    net = planted_mlp()
+    net[2] = Failing(32, 32)
+    with torch.no_grad():
+        net[2].bias.fill_(0.5)
+        net[2].bias[2] = -1e4
+    net[2].ready = True
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with deadwatch.watch(net, reporters=[], window=3, optimizer=opt) as monitor:
+        train(net, monitor, opt, 3, x)
+        weights = snapshot(net)
+        with pytest.warns(RuntimeWarning, match=r"site '3' skipped: its producer '2': reset_parameters\(\) failed "
+                                                 r"\(RuntimeError: no init here\)"):
+            assert monitor.recycle(sites="3") == {}
+    assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+
+
+def test_automatic_recycling_that_fails_warns_and_training_goes_on(x, monkeypatch):
+    from deadwatch import recycle
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(recycle, "renew", broken)
+    net = planted_mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with deadwatch.watch(net, reporters=[], window=2, report_every=2, optimizer=opt,
+                         recycle={"every": 1, "max_fraction": 1.0}) as monitor:
+        train(net, monitor, opt, 2, x)
+        with pytest.warns(RuntimeWarning, match=r"automatic recycling at step 3 failed \(RuntimeError: boom\); "
+                                                 r"nothing was recycled, training goes on"):
+            train(net, monitor, opt, 2, x)
+        assert monitor.steps == 4
+
+
+class Embedded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.act, self.out = nn.Embedding(10, 8), nn.ReLU(), nn.Linear(8, 2)
+        with torch.no_grad():
+            self.emb.weight[:, 3] = -1e4
+
+    def forward(self, x):
+        return self.out(self.act(self.emb(x)))
+
+
+class Split(nn.Module):
+    """fc's 16 outputs viewed as (2, 8): the site has 8 units, its producer 16 rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(16, 16), nn.ReLU(), nn.Linear(8, 2)
+        with torch.no_grad():
+            self.fc.bias[[3, 11]] = -1e4
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x).view(-1, 2, 8)))
+
+
+class Aliased(nn.Module):
+    """One layer registered twice (called once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
+        self.alias = self.fc
+        with torch.no_grad():
+            self.fc.bias[3] = -1e4
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+class TiedUnused(Aliased):
+    """fc's weight tied to a layer that does not run."""
+
+    def __init__(self):
+        super().__init__()
+        del self.alias
+        self.spare = nn.Linear(16, 16)
+        self.spare.weight = self.fc.weight
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.act2, self.out = nn.Linear(16, 16), nn.ReLU(), nn.ReLU(), nn.Linear(16, 2)
+        with torch.no_grad():
+            self.fc.bias[3] = -1e4
+
+    def forward(self, x):
+        return self.out(self.act2(self.fc(self.act(self.fc(x)))))
+
+
+class Pooler(nn.Module):
+    """The activation's output is returned: no layer reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(16, 16), nn.ReLU()
+        with torch.no_grad():
+            self.fc.bias[3] = -1e4
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+def _planted(net, i):
+    with torch.no_grad():
+        net[i].bias[3] = -1e4
+    return net
+
+
+def _skipped(make, batch, site, message):
+    torch.manual_seed(0)
+    net = make()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with deadwatch.watch(net, reporters=[], window=2, optimizer=opt) as monitor:
+        train(net, monitor, opt, 2, batch)
+        weights = snapshot(net)
+        with pytest.warns(RuntimeWarning, match=rf"recycle: site '{site}' skipped: {message}"):
+            assert site not in monitor.recycle()
+    assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+
+
+@pytest.mark.parametrize("make, site, message", [
+    (Embedded, "act", r"its producer 'emb' \(Embedding\) is not a Linear, Conv or HF Conv1D"),
+    (Split, "act", "its producer 'fc' does not have 8 outputs"),
+    (lambda: _planted(nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 2)), 1), "2",
+     r"'1' \(LayerNorm\) normalises across units"),
+    (Aliased, "act", r"'fc' is used at several places in the model \(shared weights\)"),
+    (CalledTwice, "act2", r"'fc' is used more than once per forward"),
+    (TiedUnused, "act", r"fc.weight is shared with another layer \(tied weights\)"),
+    (Pooler, "act", "the forward of the model returns it without a layer reading it"),
+])
+def test_what_cannot_be_recycled_exactly_is_skipped(x, make, site, message):
+    _skipped(make, torch.randint(0, 10, (8, 4)) if make is Embedded else x, site, message)
+
+
+def test_flattened_maps_are_skipped():
+    def make():
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        with torch.no_grad():
+            net[0].bias[1] = -1e4
+        return net
+    _skipped(make, torch.randn(4, 3, 8, 8), "1", r"its consumer '3' does not read 4 units")
+
+
+def test_a_manual_recycle_restarts_the_sites_interval(x):
+    """Mid-interval: the recycled units are judged on the steps since, not on the site's earlier observations
+    (which would make them look dormant and recycle them again)."""
+    net = planted_mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with deadwatch.watch(net, reporters=[], window=3, report_every=1000, optimizer=opt, count_subsample=1) as monitor:
+        train(net, monitor, opt, 5, x)
+        assert monitor.recycle(sites="1") == {"1": [1, 3, 5]}
+        train(net, monitor, opt, 2, x)
+        layer = monitor.report().layer("1")
+        with torch.no_grad():
+            h = torch.relu(net[0](x))
+        assert layer.observations == 2 * len(x)
+        assert layer.firing_rate.tolist() == pytest.approx((h > 0).float().mean(0).tolist())   # lr 0: the same both steps
+        assert monitor.recycle(sites="1", units="dormant") == {}
+
+
+def test_what_the_ranks_do_not_agree_on_is_skipped_on_every_rank(x, monkeypatch):
+    """Under torch.distributed the ranks compare their plans (faked here for a rank 1): a site another rank
+    plans otherwise, one that has not run there, and one that has not run here are skipped."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from deadwatch import sync
+
+    net = planted_mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    with deadwatch.watch(net, reporters=[], window=3, optimizer=opt) as monitor:
+        train(net, monitor, opt, 3, x)
+        report = monitor.report()
+        report.layers.append(dataclasses.replace(report.layers[0], name="ghost"))
+        weights = snapshot(net)
+
+        def all_gather_object(out, mine):
+            other = {name: plan for name, plan in mine.items() if name != "3"}   # "3" has not run on rank 1
+            other["1"] = ((("0",), None, ("4",)), None)                         # rank 1 found other layers
+            out[:] = [mine, other]
+
+        monkeypatch.setattr(sync, "distributed", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+        with pytest.warns(RuntimeWarning) as caught:
+            assert monitor._recycle(report, opt, None, "dead") == {}
+        monkeypatch.undo()
+    assert sorted(str(w.message) for w in caught) == [
+        "deadwatch: recycle: site '1' skipped: the ranks found other layers",
+        "deadwatch: recycle: site '3' skipped: it has not run there",
+        "deadwatch: recycle: site 'ghost' skipped: it has not run in this process"]
+    assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())

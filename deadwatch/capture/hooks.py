@@ -22,7 +22,7 @@ from .. import stats
 from ..config import Config
 from ..errors import DeadwatchError
 from .activations import NONNEGATIVE, fire_threshold, is_activation, module_threshold, output_bounds
-from . import compiled, producer
+from . import compiled
 from .axis import unit_axis
 from .functions import PATCH
 
@@ -62,14 +62,9 @@ class Capture:
         self.tries: dict[SiteKey, int] = {}    # eager steps run to find each of those
         self.sites: dict[SiteKey, stats.Site | None] = {}   # None: seen, but not watched (include/exclude, dtype)
         self.paths: dict[int, tuple[str, bool]] = {}  # id(module) -> (path, is an activation module)
-        self.params: dict[int, str] = {}   # id(parameter) -> its name in the model
-        # For the causes (report path), read from the autograd graph when a site is found:
-        self.biases: dict[SiteKey, tuple[nn.Parameter, str]] = {}  # the producer layer's bias
-        self.inputs: dict[SiteKey, SiteKey] = {}   # the watched site whose output feeds this one
-        self.fresh: dict[Any, SiteKey] = {}        # grad_fn of sites' outputs found this step
-        # For Monitor.recycle() (recycle.py), from the graph too:
-        self.layers: dict[SiteKey, producer.Layers] = {}  # the layers around each site
-        self.fed: dict[SiteKey, SiteKey] = {}      # site -> a later site its output reaches with no layer between
+        # Told of each watched site's output when it is first found, and of what the outermost forward
+        # returns while some are waiting (sitemap.SiteMap: the layers around each site, read from the graph).
+        self.sitemap: Any = None
         self.thresholds: dict[int, float] = {}        # id(activation module) -> its output at 0
         self.handles: list[Any] = []
         self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
@@ -87,7 +82,6 @@ class Capture:
         if taken:
             raise DeadwatchError(f"this model is already watched by another deadwatch monitor "
                                  f"(at least {taken[0]!r}); close that one first: one monitor per model")
-        self.params = {id(p): name for name, p in self.model.named_parameters()}
         try:
             for path, module in self.model.named_modules():
                 act = is_activation(module)
@@ -126,11 +120,13 @@ class Capture:
         self.deferred.clear()
         self.held.clear()
         self.mask = None
-        self.fresh.clear()
+        if self.sitemap is not None:
+            self.sitemap.forward_done(None)  # sites found in a forward that never returned: no references kept
 
     def new_step(self, step: int) -> None:
         self.calls.clear()
-        self.fresh.clear()
+        if self.sitemap is not None and self.sitemap.pending:
+            self.sitemap.forward_done(None)  # found outside any forward of the model (a loop's F.relu)
         self.active = step % self.config.watch_every == 0
         if not self.mask_held:
             self.mask = None
@@ -195,6 +191,9 @@ class Capture:
             self.flush()
         self.depth = max(self.depth - 1, 0)
         self._pop(module)
+        if self.depth == 0 and not torch.compiler.is_dynamo_compiling() and self.sitemap is not None \
+                and self.sitemap.pending and not _in_backward():
+            self.sitemap.forward_done(out)  # the forward in which sites were first found has returned
         if self.depth == 0 and not self.mask_held and (torch.compiler.is_dynamo_compiling() or not _in_backward()):
             self.mask = None  # a mask is for one forward
 
@@ -282,27 +281,10 @@ class Capture:
                               bounds, self.config.saturation_eps)
             self.registry.add(site, out, unit_axis(out, names, self.config, context, module))
             self._restore(site, names)
-            self._trace(key, out, site.units, context, module)
+            if self.sitemap is not None:
+                self.sitemap.found(key, out, site.positive)
         self.sites[key] = site
         return site
-
-    def _trace(self, key: SiteKey, out: torch.Tensor, units: int, context: nn.Module | None,
-               module: nn.Module | None) -> None:
-        """Once per site: the bias of the layer feeding it and the site feeding that layer, from the graph
-        (the layers around it when there is none); for recycling, the layers around it."""
-        self.layers[key] = producer.layers_around(out, self.model, self.params, self.fresh)
-        for earlier in producer.reaching_sites(out, self.params, self.fresh):
-            self.fed.setdefault(earlier, key)
-        bias = producer.find_bias(out, units, self.params) if out.grad_fn is not None else None
-        bias = bias or producer.neighbour_bias(module, context, units, self.params)
-        if bias is not None:
-            self.biases[key] = bias
-        if out.grad_fn is None:
-            return
-        feeding = producer.find_input_site(out, self.fresh)
-        if feeding is not None:
-            self.inputs[key] = feeding
-        self.fresh[out.grad_fn] = key
 
     def _restore(self, site: stats.Site, names: tuple[str, ...]) -> None:
         for name in names:

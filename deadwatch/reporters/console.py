@@ -68,6 +68,22 @@ def flag_lines(report: Report) -> list[Text]:
     return lines
 
 
+def certified_lines(report: Report) -> list[Text]:
+    """One line per site with certified units (dead for every input, provably), and one per site whose units
+    proved dead now were not certified, with why."""
+    from ..cli import units_text
+
+    lines = []
+    for layer in report.layers:
+        if layer.certified_units:
+            lines.append(Text.assemble((f"{layer.name}: ", "bold"),
+                                       f"{len(layer.certified_units)} certified (dead for every input, cannot "
+                                       f"recover): {units_text(layer.certified_units)}"))
+        if layer.certify_note:
+            lines.append(Text.assemble((f"{layer.name}: ", "yellow"), layer.certify_note))
+    return lines
+
+
 def recycled_line(step: int, units: dict[str, list[int]]) -> str:
     """'deadwatch: step 200: recycled 5 units: act1 3, act2 2'."""
     total = sum(len(u) for u in units.values())
@@ -130,7 +146,7 @@ def render(report: Report, title: str | None = None) -> Group:
         hints.append(Text.assemble((f"{layer.name}: ", STYLES[layer.status]), layer.hint or "",
                                    f" ({died})" if died else ""))
     title = title or f"deadwatch: step {report.step}, window {report.window} steps, {headline(report)}"
-    return Group(title_line(title), table, *flag_lines(report), *hints, *notes(report))
+    return Group(title_line(title), table, *flag_lines(report), *hints, *certified_lines(report), *notes(report))
 
 
 def print_fitted(console: Console, renderable: RenderableType) -> None:

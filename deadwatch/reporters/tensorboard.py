@@ -34,7 +34,7 @@ from ..config import Config
 from .heatmap import (DEFAULT_BANDS, FIELDS, HEATMAP_COLUMNS, IDLE_RGB, MAX_LABELLED_ROWS, MAX_X_TICKS,  # noqa: F401
                       NONFINITE_RGB, bands, cells, colour, figure, grid, heat, plotting_available)
 from .scalars import scalars
-from .console import count_cell, dead_cell, died_text, flag_lines, has_verdicts, headline, percent
+from .console import certified_lines, count_cell, dead_cell, died_text, flag_lines, has_verdicts, headline, percent
 
 CELL_H, CELL_W = 12, 6  # pixels per site row and per report column
 HEATMAPS = {"deadwatch/heatmap": "dead_fraction", "deadwatch/heatmap_dormant": "dormant_fraction"}  # tag: field
@@ -80,7 +80,8 @@ def markdown(report: Report) -> str:
                  f"| {percent(layer.zero_fraction)} | {layer.status} |" for layer in report.layers]
     hints = [f"- **{layer.name}**: {layer.hint}" + (f" ({died_text(layer)})" if died_text(layer) else "")
              for layer in report.flagged]
-    hints += [f"- **{line.plain.split(': ', 1)[0]}**: {line.plain.split(': ', 1)[1]}" for line in flag_lines(report)]
+    hints += [f"- **{line.plain.split(': ', 1)[0]}**: {line.plain.split(': ', 1)[1]}"
+              for line in flag_lines(report) + certified_lines(report)]
     idle = [layer.name for layer in report.layers if layer.status == IDLE]
     if idle:
         hints.append(f"- idle (no counted forward in the window, not judged): {', '.join(idle)}")
