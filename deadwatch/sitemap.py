@@ -16,7 +16,8 @@ For each watched site, a frozen `SiteLayers` says (module paths, as in model.nam
                      sum: a residual add; their output is added to or concatenated with other tensors),
                      else None.
   why                why the layers could not be mapped, else None; then the fields above may be empty
-                     or partial (the producer of a site that ran without a graph in an nn.Sequential).
+                     or partial (a site that first ran without a graph: its producer, from its
+                     nn.Sequential or from a reentrant checkpoint's recomputation in backward).
   repeated           of the layers above, those whose parameters are used more than once per forward
                      (one module called several times, tied weights).
 
@@ -33,7 +34,9 @@ forward in which sites were found, with the graph of that forward:
   send 0 to 0 unit by unit (views, dropout, scaling, pooling, a product with another layer's output),
   to every layer reading the units. Anything else met on the way (an add, a concatenation, another op,
   the forward's own output) is named in `coupled` or `why`.
-No reference to the graph is kept afterwards. Nothing here runs in the hook path.
+A site first seen without a graph is also handed over (`recomputed`) if a reentrant checkpoint
+recomputes it in backward, once. No reference to the graph is kept afterwards. The hook path only
+keeps a reference (`found`); the walks run once per site, when its forward returns.
 """
 
 from __future__ import annotations
@@ -181,6 +184,8 @@ class SiteMap:
         self.inputs: dict[Hashable, Hashable] = {}      # site key -> the key of the site feeding it
         self.pending: list[tuple[Hashable, Any]] = []   # (key, grad_fn of its output) found in this forward
         self.nonnegative: set[Hashable] = set()          # sites whose outputs are never < 0
+        self.found_at: dict[tuple[str, str | None], int] = {}   # sites found per (module path, function)
+        self.blind: dict[tuple[str, str | None], Hashable] = {}  # ... -> the one first seen without a graph
 
     # -- told by capture
     def found(self, key: Hashable, out: torch.Tensor, nonnegative: bool) -> None:
@@ -188,17 +193,32 @@ class SiteMap:
         self.pending.append((key, out.grad_fn))
         if nonnegative:
             self.nonnegative.add(key)
+        where = (key.path, key.function)
+        self.found_at[where] = self.found_at.get(where, 0) + 1
+        if out.grad_fn is None:
+            self.blind[where] = key
+
+    def recomputed(self, where: tuple[str, str | None], out: torch.Tensor) -> None:
+        """An activation run again in backward (a reentrant checkpoint recomputes its segment, with a graph,
+        after a forward without one): the layers feeding the site it is, when one site only runs there, read
+        from that graph. Its consumers stay unknown: the recomputed graph ends at the segment's output."""
+        key = self.blind.pop(where, None)
+        if key is None or not isinstance(out, torch.Tensor) or out.grad_fn is None or self.found_at.get(where) != 1 or key not in self.layers:
+            return
+        try:
+            producer, norm, _, nonneg, coupled, why = self._back(out.grad_fn, self._params(), {})
+        except Exception:  # never a failed backward: the site keeps what the forward told
+            return
+        if why is None:
+            self.layers[key] = dataclasses.replace(self.layers[key], producers=(producer,) if producer else (),
+                                                   norm=norm, input_nonnegative=nonneg, coupled=coupled)
 
     def forward_done(self, out: Any) -> None:
         """The outermost forward returned `out` (None: none seen): map the sites found in it."""
         pending, self.pending = self.pending, []
         if not pending:
             return
-        params: dict[int, tuple[str, ...]] = {}   # id(parameter) -> its names (several: tied in several layers)
-        for path, m in self.model.named_modules():  # a module registered twice: under its first path
-            for name, p in m._parameters.items():
-                if p is not None:
-                    params[id(p)] = (*params.get(id(p), ()), f"{path}.{name}" if path else name)
+        params = self._params()
         outputs = {fn: key for key, fn in pending if fn is not None}
         graph: _Graph | None = None
         problem = "no forward of the model returned after it ran (an activation called outside the model's forward?)"
@@ -214,6 +234,15 @@ class SiteMap:
                 self.layers[key], feeding = SiteLayers(why=f"its autograd graph could not be read ({e})"), None
             if feeding is not None:
                 self.inputs[key] = feeding
+
+    def _params(self) -> dict[int, tuple[str, ...]]:
+        """id(parameter) -> its names (several: tied in several layers)."""
+        params: dict[int, tuple[str, ...]] = {}
+        for path, m in self.model.named_modules():  # a module registered twice: under its first path
+            for name, p in m._parameters.items():
+                if p is not None:
+                    params[id(p)] = (*params.get(id(p), ()), f"{path}.{name}" if path else name)
+        return params
 
     # -- read
     def get(self, key: Hashable, name_of: dict[Hashable, str]) -> SiteLayers:

@@ -198,6 +198,31 @@ def test_without_a_graph_only_an_nn_sequential_tells_the_producer():
         assert site_layers(free, X) == {"act": SiteLayers(why=why)}   # no order to rely on: nothing guessed
 
 
+class Checkpointed(nn.Module):
+    """A block under a reentrant checkpoint: its forward runs without a graph, its recomputation with one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc, self.act, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
+
+    def block(self, x):
+        return F.gelu(self.act(self.fc(x)))
+
+    def forward(self, x):
+        return self.out(torch.utils.checkpoint.checkpoint(self.block, self.stem(x), use_reentrant=True))
+
+
+def test_a_reentrant_checkpoint_tells_the_producer_when_it_recomputes():
+    net = Checkpointed()
+    with deadwatch.watch(net, reporters=[]) as monitor:
+        net(X).sum().backward()
+        monitor.step()
+        got = monitor.site_layers()
+    why = "it first ran without an autograd graph (under no_grad, or in a reentrant checkpoint)"
+    assert got == {"act": SiteLayers(producers=("fc",), why=why), "gelu#0": SiteLayers(why=why)}
+    assert got["act"].shift(net) == (net.fc.bias, "fc.bias")
+
+
 class Extra(nn.Module):
     """An activation run by a method the loop calls outside the model's forward."""
 

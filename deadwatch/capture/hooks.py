@@ -205,6 +205,8 @@ class Capture:
             return
         # recomputation of a checkpointed segment: already counted in forward
         if not self.active or (not compiling and _in_backward()):
+            if not compiling and self.sitemap is not None and self.sitemap.blind and _in_backward():
+                self.sitemap.recomputed((path, None), out)  # a reentrant checkpoint's graph, for the map
             return
         if self.depth == 0:  # called by the loop itself, outside any forward of the model: a forward of its own
             self.calls.clear()
@@ -239,6 +241,9 @@ class Capture:
         """An activation function called by a method of `module`, one of this model's modules."""
         compiling = torch.compiler.is_dynamo_compiling()
         if not self.active or (not compiling and _in_backward()) or not isinstance(out, torch.Tensor):
+            if not compiling and self.sitemap is not None and self.sitemap.blind and _in_backward() and \
+                    isinstance(out, torch.Tensor):
+                self.sitemap.recomputed((self.paths[id(module)][0], fn_name), out)  # as in _on_module
             return
         if self.depth == 0:  # e.g. F.relu in a LightningModule's training_step: a forward of its own
             self.calls.clear()
