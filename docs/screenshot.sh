@@ -12,7 +12,7 @@ shot() {
     --disable-component-update --disable-sync --user-data-dir="$(mktemp -d)" --hide-scrollbars \
     --window-size=1400,"$2" --virtual-time-budget=15000 --screenshot="docs/$1.png" "http://127.0.0.1:$port/#$3"
 }
-shot tensorboard-custom-scalars 620 custom_scalars
+shot tensorboard-custom-scalars 1250 custom_scalars
 shot tensorboard-heatmap 760 images
 # the heatmap's colour bands, the summary at 60 columns and the HTML report
 .venv/bin/python docs/shots.py runs/demo

@@ -330,33 +330,46 @@ def test_custom_scalars_put_dormant_and_saturated_beside_dead(tmp_path):
                          ["deadwatch/saturated_fraction/a", "deadwatch/threshold/warn"]]
 
 
+def tensorboard_y_range(values):
+    """TensorBoard's y range for a chart with "ignore outliers in chart scaling" (its default): the 5% and 95%
+    quantiles, a fifth of their span added above (vz_chart_helpers.computeDomain)."""
+    a, b = np.quantile(values, 0.05), np.quantile(values, 0.95)
+    return a, b + 0.2 * (b - a) if b > a else b + (0.1 if abs(b) < 1e-5 else 0.1 * abs(b))
+
+
 def test_custom_scalars_chart_per_site_named_and_unclipped(tmp_path):
-    """One chart per site, titled with the site, showing that site's lines only (with the thresholds): a reader
-    tells the lines apart, and a site at 90% dead among sites at 0 is a third of its chart's points at least,
-    so TensorBoard's outlier-ignoring y range (5-95% quantiles) keeps it."""
+    """One chart per site, titled with the site, showing that site's lines only (with the thresholds and the
+    100% line): a reader tells the lines apart, and a site that jumps to 90% dead in the last report, among 30
+    sites at 0, is inside TensorBoard's outlier-ignoring y range, which would cut it off without the 100% line."""
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    reports = [Report(step=s, window=10, layers=[layer(f"blocks.{i}.act", "ok") for i in range(29)]
-                      + [layer("blocks.29.act", "critical", dead=9, units=10)]) for s in (10, 20, 30)]
-    reporter, acc = emit_all(tmp_path, reports)
+    sites = [f"blocks.{i}.act" for i in range(30)]
+    reports = [Report(step=10 * (s + 1), window=10, layers=[layer(site, "ok") for site in sites[:-1]]
+                      + [layer(sites[-1], "critical", dead=9, dormant=9, units=10) if s == 19 else layer(sites[-1], "ok")])
+               for s in range(20)]
+    reporter, acc = emit_all(tmp_path, reports, image_every=100)
     (tag,) = acc.PluginTagToContent("custom_scalars")
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors(tag)[0].tensor_proto.string_val[0])
     per_site = {c.title: c for category in layout.category[1:] for c in category.chart}
-    sites = [f"blocks.{i}.act" for i in range(30)]
     assert [t.split(":")[0] for t in per_site] == sites
     tags = acc.Tags()["scalars"]
+
+    def shown(chart):   # TensorBoard's custom-scalars plugin selects tags with re.match
+        return {t for t in tags if any(re.match(rx, t) for rx in chart.multiline.tag)}
+
     for site in sites:
         chart = next(c for t, c in per_site.items() if t.startswith(site + ":"))
-        shown = {t for t in tags if any(re.match(rx, t) for rx in chart.multiline.tag)}
-        assert {t for t in shown if "threshold" not in t} == {f"deadwatch/{f}_fraction/{site}" for f in ("dead", "dormant")}
-    nine = next(c for t, c in per_site.items() if t.startswith("blocks.29.act:"))
-    values = [e.value for t in tags if any(re.match(rx, t) for rx in nine.multiline.tag) for e in acc.Scalars(t)]
-    # TensorBoard's y range with outliers ignored: the 5% and 95% quantiles of the chart's values
-    assert np.quantile(values, 0.95) == max(values) == pytest.approx(0.9)
-    # while in the all-sites chart the 90% line is an outlier that the quantile range would clip
-    everything = [e.value for i in range(30) for e in acc.Scalars(f"deadwatch/dead_fraction/blocks.{i}.act")]
-    assert np.quantile(everything, 0.95) < 0.5
+        assert {t for t in shown(chart) if "threshold" not in t and "scale" not in t} == {
+            f"deadwatch/{f}_fraction/{site}" for f in ("dead", "dormant")}
+    last = next(c for t, c in per_site.items() if t.startswith(sites[-1] + ":"))
+    values = [e.value for t in shown(last) for e in acc.Scalars(t)]
+    assert max(values) == 1.0 and tensorboard_y_range(values)[1] >= 1.0       # 0-100%: the 90% point shows
+    without_full = [e.value for t in shown(last) - {"deadwatch/scale/full"} for e in acc.Scalars(t)]
+    assert tensorboard_y_range(without_full)[1] < 0.9                           # it would be cut off
+    overview = next(c for c in layout.category[0].chart if c.title.startswith("dead fraction per site"))
+    every_site = [e.value for t in shown(overview) - {"deadwatch/scale/full"} for e in acc.Scalars(t)]
+    assert tensorboard_y_range(every_site)[1] < 0.9                             # why the per-site charts
 
 
 # ---- the summary in a narrow terminal ----------------------------------------------------------------

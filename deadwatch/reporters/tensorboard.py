@@ -6,6 +6,7 @@ Tags (stable: site names only, no shapes or counters):
   deadwatch/saturated_fraction/<site>                               per site with a bounded activation
   deadwatch/dead_fraction/all, deadwatch/flagged_sites              whole run
   deadwatch/threshold/warn, deadwatch/threshold/critical            the configured lines
+  deadwatch/scale/full                                              a constant 1.0 (see layout())
   deadwatch/firing_rate/<site>                                      histogram over units
   deadwatch/heatmap, deadwatch/heatmap_dormant                      images: dead / dormant fraction,
                                                                     sites (rows) x report steps (columns)
@@ -43,21 +44,24 @@ LABELS = FIELDS
 
 def layout(config: Config, sites: list[str] = ()) -> dict:
     """The custom-scalars layout: every site's dead (dormant, saturated, zero) fraction in one chart each, then
-    one chart per site, so that a line is told from another by the chart's title, and the site's own points are
-    a third of its chart's at least (the threshold lines are the rest): TensorBoard's outlier-ignoring y range
-    (a 5-95% quantile) cannot clip a site at 90% dead while the others are at 0."""
+    one chart per site (its dead, dormant and saturated fractions with the thresholds), so that a line is told
+    from another by the chart's title. TensorBoard's default y range ignores outliers: it ends a fifth above
+    the 95% quantile of the chart's points, which cuts off a site at 90% dead among sites at 0, or a late
+    spike. The constant deadwatch/scale/full line (1.0) in these charts is a large enough share of a
+    site's chart to hold that quantile at 100%, so every line shows whole, on a 0-100% scale."""
+    full = r"deadwatch/scale/full"
     overview = {
         "dead fraction per site (with warn/critical thresholds)":
-            ["Multiline", [r"deadwatch/dead_fraction/.*", r"deadwatch/threshold/.*"]],
+            ["Multiline", [r"deadwatch/dead_fraction/.*", r"deadwatch/threshold/.*", full]],
         "dormant fraction per site (with the warn threshold)":
-            ["Multiline", [r"deadwatch/dormant_fraction/.*", r"deadwatch/threshold/warn"]],
+            ["Multiline", [r"deadwatch/dormant_fraction/.*", r"deadwatch/threshold/warn", full]],
         "saturated fraction per site (with the warn threshold)":
-            ["Multiline", [r"deadwatch/saturated_fraction/.*", r"deadwatch/threshold/warn"]],
+            ["Multiline", [r"deadwatch/saturated_fraction/.*", r"deadwatch/threshold/warn", full]],
         "zero fraction per site": ["Multiline", [r"deadwatch/zero_fraction/.*"]],
     }
     per_site = {f"{site}: dead, dormant, saturated fraction":
                 ["Multiline", [rf"deadwatch/(dead|dormant|saturated)_fraction/{re.escape(site)}$",
-                               r"deadwatch/threshold/.*"]] for site in sites}
+                               r"deadwatch/threshold/.*", full]] for site in sites}
     return {"deadwatch": overview, **({"deadwatch per site": per_site} if per_site else {})}
 
 
@@ -156,6 +160,7 @@ class TensorBoardReporter:
                                 bins=np.linspace(0.0, 1.0, 21))
         w.add_scalar("deadwatch/threshold/warn", self.config.warn, step)
         w.add_scalar("deadwatch/threshold/critical", self.config.critical, step)
+        w.add_scalar("deadwatch/scale/full", 1.0, step)
         for tag, field in HEATMAPS.items():
             self.history[tag] = (self.history[tag] + [heat(report, field)])[-HEATMAP_COLUMNS:]
         self.steps = (self.steps + [step])[-HEATMAP_COLUMNS:]
