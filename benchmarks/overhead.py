@@ -8,6 +8,7 @@ Every activation site is watched, the functional GELU included.
     python benchmarks/overhead.py [--steps 200] [--rounds 1] [--threads 1] [--models mlp,cnn,transformer]
     python benchmarks/overhead.py --models mobilenet,resnet18 --steps 100
     python benchmarks/overhead.py --compile [--models transformer] [--no-fullgraph]
+    python benchmarks/overhead.py --update-every 0     # without the update-size measurements (large_update)
 
 Columns: sites watched; plain and watched medians; ratio = watched/plain and +ms a step; hooks =
 activation modules given a bare no-op forward hook and noop = that copy's time/plain, the floor any
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadwatch
+import deadwatch.updates
 from deadwatch.capture.activations import is_activation
 
 
@@ -390,7 +392,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, help="image side for mobilenet (default 128) and resnet18 (default 112)")
     ap.add_argument("--compile", action="store_true", help="plain and watched both torch.compile(fullgraph=True)")
     ap.add_argument("--no-fullgraph", action="store_true", help="with --compile: allow graph breaks")
+    ap.add_argument("--update-every", type=int, help="measure ||dW||/||W|| of the producer layers every N-th step "
+                    f"(default {deadwatch.updates.EVERY}; 0: never), to time that cost apart")
     args = ap.parse_args()
+    if args.update_every is not None:
+        deadwatch.updates.EVERY = args.update_every
     torch.set_num_threads(args.threads)
     loads = workloads(args.size)
     names = (args.models or ("transformer" if args.compile else "mlp,cnn,transformer")).split(",")

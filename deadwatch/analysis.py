@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .causes import Cause
+from .causes import Cause, headline
 
 if TYPE_CHECKING:
     from .config import Config
@@ -40,7 +40,7 @@ class LayerReport:
     status: str
     firing_rate: np.ndarray | None = field(default=None, repr=False, compare=False)  # per unit, interval
     # Verdicts besides dead (absent from run logs written before them: these defaults then)
-    dormant_units: list[int] = field(default_factory=list)    # score mean|h_i| / mean_k mean|h_k| <= dormant_tau
+    dormant_units: list[int] = field(default_factory=list)    # s_i = mean|h_i| / mean_k mean|h_k| <= dormant_tau
     dormant_fraction: float | None = None      # None when the site ran no counted forward in the interval
     saturated_units: list[int] = field(default_factory=list)  # bounded activations only
     saturated_fraction: float | None = None    # 0.0 at sites whose activation is not bounded
@@ -54,10 +54,10 @@ class LayerReport:
 
     @property
     def hint(self) -> str | None:
-        """The top cause with its evidence when the run left some, else the generic hint for the status."""
-        if self.causes and self.status in (WARN, CRITICAL):
-            return self.causes[0].hint()
-        return HINTS.get(self.status)
+        """For a flagged site: the top cause with its score and evidence when it explains most of the dead
+        units (causes.headline), else the generic hint for the status. None for sites not flagged."""
+        top = headline(self.causes) if self.status in (WARN, CRITICAL) else None
+        return top.hint() if top is not None else HINTS.get(self.status)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,7 +148,6 @@ def layer_report(figures: Figures, config: Config) -> LayerReport:
     saturated_fraction: float | None = None if figures.bounds is not None else 0.0
     if obs and units:
         is_dormant = _dormant(figures.abs_sum, config.dormant_tau)
-        is_dormant[dead] = True
         dormant = np.flatnonzero(is_dormant).tolist()
         dormant_fraction = len(dormant) / units
         rare = np.flatnonzero((rate > 0) & (rate < config.rare_rate)).tolist()

@@ -7,6 +7,7 @@ before the first training step with one message naming the key.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .errors import ConfigError
 
 REPORTERS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
 SUBKEYS = {"thresholds": ("warn", "critical", "dormant", "saturated", "rare"), "saturation": ("share", "eps"),
-           "recycle": ("every", "units", "max_fraction"), "wandb": ("project", "name"),
+           "recycle": ("every", "units", "max_fraction"), "activations": ("extra",), "wandb": ("project", "name"),
            "mlflow": ("experiment", "run_name")}
 RECYCLE_UNITS = ("dead", "dormant")
 FILE_REPORTERS = ("jsonl", "tensorboard")
@@ -54,6 +55,8 @@ class Config:
     recycle_max_fraction: float = 0.1  # at most this share of a site's units per recycling
     wandb: tuple[tuple[str, str | None], ...] = (("project", "deadwatch"), ("name", None))  # a run deadwatch starts
     mlflow: tuple[tuple[str, str | None], ...] = (("experiment", "deadwatch"), ("run_name", None))
+    activations_extra: tuple[str, ...] = ()  # dotted paths of more activation module classes
+    extra_classes: tuple[type, ...] = field(default=(), compare=False)  # those classes, imported
     reporters_given: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +81,7 @@ class Config:
                         "max_fraction": self.recycle_max_fraction},
             "wandb": dict(self.wandb),
             "mlflow": dict(self.mlflow),
+            "activations": {"extra": list(self.activations_extra)},
         }
 
 
@@ -153,7 +157,7 @@ def _fraction(key: str, value: Any) -> float:
     return float(value)
 
 
-def _names(key: str, value: Any, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+def _names(key: str, value: Any, allowed: tuple[str, ...] | None = None, regex: bool = True) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -163,7 +167,7 @@ def _names(key: str, value: Any, allowed: tuple[str, ...] | None = None) -> tupl
             raise ConfigError(f"{key} must be a list of strings, got item {item!r}")
         if allowed is not None and item not in allowed:
             raise ConfigError(f"{key} has {item!r}; allowed: {', '.join(allowed)}")
-        if allowed is None:
+        if allowed is None and regex:
             _regex(key, item)
     return tuple(value)
 
@@ -185,6 +189,33 @@ def _reporters(value: Any) -> tuple[Any, ...]:
     for item in value:  # a name or object listed twice reports once
         if not any(item is o or (isinstance(item, str) and item == o) for o in out):
             out.append(item)
+    return tuple(out)
+
+
+def _classes(paths: tuple[str, ...]) -> tuple[type, ...]:
+    """activations.extra: dotted paths of nn.Module subclasses ("package.module.QuickGELU"), imported."""
+    from torch import nn
+
+    out = []
+    for path in paths:
+        found, why, parts = None, "it names no module", path.split(".")
+        for i in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes
+            try:
+                found = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for attr in parts[i:]:
+                found = getattr(found, attr, None)
+            why = f"module {'.'.join(parts[:i])!r} has no {'.'.join(parts[i:])!r}"
+            break
+        if found is None:
+            raise ConfigError(f"activations.extra has {path!r}, which does not resolve ({why}); each item must be "
+                              f"the dotted path of an activation class, a torch.nn.Module subclass "
+                              f"(e.g. 'mypackage.layers.QuickGELU')")
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise ConfigError(f"activations.extra has {path!r}, which is {found!r}, not a torch.nn.Module subclass; "
+                              f"each item must be the dotted path of an activation module class")
+        out.append(found)
     return tuple(out)
 
 
@@ -237,6 +268,11 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
                 what = "a non-empty string" if sub == required else "a non-empty string or null"
                 raise ConfigError(f"{key}.{sub} must be {what}, got {value!r}")
         names[key] = tuple((sub, m[key][sub]) for sub in SUBKEYS[key])
+    activations = m["activations"]
+    if not isinstance(activations, Mapping):
+        raise ConfigError(f"activations must be a mapping with extra, got {activations!r}")
+    extra_paths = _names("activations.extra", activations["extra"], regex=False)
+    extra = _classes(extra_paths)
     if not isinstance(m["count_eval"], bool):
         raise ConfigError(f"count_eval must be true or false, got {m['count_eval']!r}")
     axes = m["unit_axis"] or {}
@@ -272,5 +308,7 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         recycle_max_fraction=max_fraction,
         wandb=names["wandb"],
         mlflow=names["mlflow"],
+        activations_extra=extra_paths,
+        extra_classes=extra,
         reporters_given=reporters_given,
     )

@@ -68,7 +68,8 @@ def train(name: str, make: Callable[[], tuple[nn.Module, float]], x: torch.Tenso
     net, lr = make()
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(1)
-    with watch(net, logdir=logdir, window=50, report_every=20, reporters=["jsonl", "tensorboard"] if logdir else []) as monitor:
+    with watch(net, logdir=logdir, window=50, report_every=20, reporters=["jsonl", "tensorboard"] if logdir else [],
+               optimizer=opt) as monitor:
         for _ in range(STEPS):
             idx = torch.randint(0, len(x), (BATCH,), generator=g)
             loss = F.cross_entropy(net(x[idx]), y[idx])

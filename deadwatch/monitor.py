@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+import weakref
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import analysis, causes, config as config_mod, stats, sync
+from . import analysis, causes, config as config_mod, stats, sync, updates
 from .sitemap import SiteLayers, SiteMap
 from .capture import Capture
 from .config import FILE_REPORTERS, Config
@@ -23,7 +24,7 @@ def watch(model: nn.Module, config: Config | str | os.PathLike | Mapping | None 
           logdir: str | os.PathLike | None = None, optimizer: torch.optim.Optimizer | None = None,
           **overrides: Any) -> Monitor:
     """Start watching `model`'s activations. Call monitor.step() once per training step. With `optimizer`,
-    its learning rates are recorded at every step(): evidence for the causes of dead units."""
+    the learning rate each optimizer step used is recorded: evidence for the causes of dead units."""
     return Monitor(model, config, logdir, optimizer, **overrides)
 
 
@@ -60,6 +61,10 @@ class Monitor:
         self.config = config
         self.optimizer = optimizer
         self._lr_changes: list[tuple[int, tuple[float, ...]]] = []  # (step from 1, lr per group) when it changed
+        self._lr_used: tuple | None = None  # the rates the last optimizer.step() ran with (_on_optimizer_step)
+        self._lr_hook: Any = None
+        self._updates = updates.UpdateSizes()  # ||dW|| / ||W|| of the producer layers (large_update cause)
+        self._tracked = 0                  # sites whose producers _updates measures
         self.logdir = os.path.expanduser(os.fspath(logdir)) if logdir is not None else None
         self.steps = 0                     # completed training steps (calls of step())
         self._reported_step = 0            # step of the last periodic report
@@ -67,19 +72,30 @@ class Monitor:
         self._closed = False
         self._scan = False                 # deadwatch.scan(): no training, so certificates need no optimizer check
         self._warned_no_step = False
+        self._warned_methods = False       # said once: tensor-method sites are not counted in compiled graphs
         self._resumed = False              # load_state_dict() was called: the run log marks the run resumed
         self._strict_pending = False       # load_state_dict(strict=True): unmatched sites raise at the next report
         self._used_logdir = False          # the logdir held an earlier run when watch() was called
         self._registry = stats.Registry()
-        self._capture = Capture(model, config, self._registry, lambda: self.steps)
+        me = weakref.ref(self)  # the capture (kept by the model's hooks) must not keep the monitor alive
+        self._capture = Capture(model, config, self._registry, lambda: me().steps)  # type: ignore[union-attr]
         self._sitemap = self._capture.sitemap = SiteMap(self._capture.model)
         specs = self._reporter_specs()      # checked on every rank, so no rank trains on alone
         self._reporters: list[Reporter] = self._make_reporters(specs) if _rank() == 0 else []
         try:
             self._capture.attach()
+            hook = getattr(_innermost(optimizer), "register_step_pre_hook", None) if optimizer is not None else None
+            if callable(hook):  # an optimizer-like object without step hooks: rates read at step()
+                self._lr_hook = hook(_lr_recorder(me))
         except BaseException:
+            self._capture.detach()
             self._close_reporters()
             raise
+        # A monitor dropped without close() (no `with`, the loop raised) is cleaned up when collected:
+        # hooks, function patches and the compiler stance go back as close() puts them. The finalizer
+        # holds the capture and the optimizer hook, never the monitor.
+        self._finalizer = weakref.finalize(self, _abandoned, self._capture, self._lr_hook, self._updates)
+        self._finalizer.atexit = False
 
     # -- public API
     def step(self) -> None:
@@ -99,6 +115,11 @@ class Monitor:
             self._auto_recycle()
         if self.steps % self.config.report_every == 0:
             self._periodic_report()
+        # after any recycling: its new rows are no update of the optimizer's
+        if len(self._sitemap.layers) != self._tracked:  # sites mapped since: their producers join
+            self._tracked = len(self._sitemap.layers)
+            self._updates.track(self._producer_weights())
+        self._updates.end_of_step(self.steps)
 
     def mask(self, mask: torch.Tensor | None) -> contextlib.AbstractContextManager:
         """Count only the real positions of the next forward: `mask` is 1/True at real positions and
@@ -170,12 +191,10 @@ class Monitor:
         self._warn_if_no_step()
         figures, same = sync.snapshot(self._registry, self._capture.layout(), self.steps, self.config.window)
         names = self._capture.names([f.name for f in figures], publish=True)  # once the ranks agree on sites
+        self._warn_if_methods_compiled(names)
         if self._strict_pending:
             self._strict_pending = False
-            if self._capture.pending:
-                raise DeadwatchError(f"load_state_dict(strict=True): saved sites {sorted(self._capture.pending)} "
-                                     f"have not run by the first report; sites now: {', '.join(names) or 'none'}. "
-                                     f"Pass strict=False to let them go")
+            self._check_strict(names)
         layers = [analysis.layer_report(f._replace(name=name), self.config) for f, name in zip(figures, names)]
         report = analysis.Report(step=self.steps, window=self.config.window, layers=layers)
         self._explain(report, figures, local=same)
@@ -232,7 +251,7 @@ class Monitor:
             elif not sync.distributed() and self.steps:
                 self._final_report_after(error)
         finally:
-            self._capture.detach()
+            self._finalizer()
             self._close_reporters()
 
     def __enter__(self) -> Monitor:
@@ -243,10 +262,25 @@ class Monitor:
 
     # -- internals
     def _record_lr(self) -> None:
-        """The learning rates of the step just ended, kept when they change (host floats: no sync)."""
-        lrs = tuple(g.get("lr") for g in self.optimizer.param_groups)
+        """The learning rates the step just ended ran with, kept when they change (host floats: no sync).
+        Read when optimizer.step() ran (a step pre-hook), so a scheduler stepped before monitor.step() (as
+        the HF Trainer does) does not move a change one step early; read now when no optimizer step ran
+        since the last step() (an optimizer wrapper that runs no step hooks)."""
+        lrs = self._lr_used if self._lr_used is not None else _rates(self.optimizer)
+        self._lr_used = None
         if all(isinstance(lr, (int, float)) for lr in lrs) and (not self._lr_changes or self._lr_changes[-1][1] != lrs):
             self._lr_changes.append((self.steps, lrs))
+
+    def _producer_weights(self) -> list[tuple[str, nn.Module, str]]:
+        """The weights whose updates are measured: each site's producer layer's, (name, layer, "weight")."""
+        return [(f"{path}.weight", self._capture.model.get_submodule(path), "weight")
+                for path in self._producers().values() if path]
+
+    def _producers(self) -> dict[Any, str | None]:
+        """Site key -> module path of the layer feeding its activation (the site map's first producer;
+        None: not known). A gate's partner (the up projection) multiplies the units' values, but the
+        first producer's updates are what drives the pre-activation below 0."""
+        return {key: layers.producers[0] if layers.producers else None for key, layers in self._sitemap.layers.items()}
 
     def _explain(self, report: analysis.Report, figures: list[sync.Figures], local: bool) -> None:
         """Causes for the flagged sites' dead units, from the evidence the run left (report path only).
@@ -254,6 +288,7 @@ class Monitor:
         bias, the site feeding it) is used only when every rank has the same sites (`local`)."""
         by_key = {f.name: layer for f, layer in zip(figures, report.layers)}
         flagged = {id(layer) for layer in report.flagged}
+        producers = self._producers() if local else {}
         for f, layer in zip(figures, report.layers):
             key = f.name
             if id(layer) not in flagged or not layer.dead_units or f.last_fired is None:
@@ -264,13 +299,43 @@ class Monitor:
                                      or bias[0].numel() != len(f.last_fired)):
                 bias = None
             feeding = by_key.get(self._sitemap.inputs.get(key)) if local else None
+            producer = producers.get(key)
+            spans, ratios = self._updates.of(f"{producer}.weight") if producer else ([], [])
             layer.causes = causes.explain(causes.Evidence(
                 dead_units=layer.dead_units, last_fired=np.where(f.last_fired >= 0, f.last_fired + 1, -1),
                 bias=bias[0].detach().float().cpu().numpy() if bias is not None else None,
                 bias_name=bias[1] if bias is not None else None,
                 lr_changes=self._lr_changes,
                 input_site=feeding.name if feeding is not None else None,
-                input_dead_fraction=feeding.dead_fraction if feeding is not None else None))
+                input_dead_fraction=feeding.dead_fraction if feeding is not None else None,
+                update_layer=f"{producer}.weight" if producer else None, update_spans=spans, update_ratios=ratios))
+
+    def _check_strict(self, names: list[str]) -> None:
+        """load_state_dict(strict=True) at the first report: raise when saved sites have not run, on every
+        rank alike (one rank raising while the others go on into the next collective would hang them)."""
+        pending = {_rank(): sorted(self._capture.pending)} if self._capture.pending else {}
+        if sync.distributed():
+            everyone: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, pending)
+            pending = {rank: sites for part in everyone for rank, sites in part.items()}
+        if pending:
+            where = "; ".join(f"{sites} on rank {rank}" for rank, sites in sorted(pending.items())) \
+                if sync.distributed() else str(next(iter(pending.values())))
+            raise DeadwatchError(f"load_state_dict(strict=True): saved sites have not run by the first report: "
+                                 f"{where}; sites now: {', '.join(names) or 'none'}. Pass strict=False to let them go")
+
+    def _warn_if_methods_compiled(self, names: list[str]) -> None:
+        """torch.compile puts tensor methods (x.relu()) in its graphs without calling deadwatch's wrapper:
+        their sites count eager steps only. Say so once, when compiled graphs have run."""
+        if self._warned_methods or not any(c.traced for c in self._registry.by_device.values()):
+            return
+        methods = [name for name in names if name.startswith("Tensor.") or ".Tensor." in name]
+        if methods:
+            self._warned_methods = True
+            warnings.warn(f"deadwatch: sites {', '.join(methods)} are tensor methods (x.relu()), which torch.compile "
+                          f"runs without letting deadwatch see them: they count eager steps only (idle or "
+                          f"undercounted). Call the function form instead (F.relu(x), torch.sigmoid(x))",
+                          RuntimeWarning, stacklevel=3)
 
     def _warn_if_no_step(self) -> None:
         if self.steps == 0 and self._registry.sites and not self._warned_no_step:
@@ -378,6 +443,39 @@ class Monitor:
                 raise ConfigError(f"logdir {self.logdir!r} cannot be written: {e.strerror or e}") from None
             raise
         return reporters
+
+
+def _innermost(optimizer: Any) -> Any:
+    """The torch optimizer inside wrappers (Lightning's LightningOptimizer, accelerate's AcceleratedOptimizer):
+    its step() is the one that runs the step hooks."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _rates(optimizer: Any) -> tuple:
+    return tuple(g.get("lr") for g in optimizer.param_groups)
+
+
+def _lr_recorder(monitor: weakref.ref) -> Any:
+    """An optimizer step pre-hook keeping the rates that step runs with; it holds the monitor weakly."""
+    def record(optimizer: Any, args: Any, kwargs: Any) -> None:
+        me = monitor()
+        if me is not None:
+            me._lr_used = _rates(optimizer)
+    return record
+
+
+def _abandoned(capture: Capture, lr_hook: Any, sizes: updates.UpdateSizes) -> None:
+    """What close() and the garbage collector's finalizer both undo: the model's hooks, the function
+    patch and the compiler stance (capture.detach), the optimizer's hook, the update measurements."""
+    capture.detach()
+    if lr_hook is not None:
+        lr_hook.remove()
+    sizes.stop()
 
 
 def _holds_a_run(logdir: str) -> bool:

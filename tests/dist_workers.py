@@ -459,13 +459,56 @@ def scenario_recycle(rank: int, world: int, outdir: str) -> dict[str, Any]:
             "fsdp_warnings": [str(w.message) for w in fsdp_caught]}
 
 
+class StrictResume(nn.Module):
+    """fc1 -> ReLU `act`, then F.gelu (site gelu#0) on the ranks in `extra` only."""
+
+    def __init__(self, extra: bool):
+        super().__init__()
+        self.extra = extra
+        self.fc1 = nn.Linear(3, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.fc1(x))
+        return a + F.gelu(a) if self.extra else a
+
+
+def scenario_strict(rank: int, world: int, outdir: str) -> dict[str, Any]:
+    """load_state_dict(strict=True) of a run in which every rank ran gelu#0, into one where only the last
+    rank runs it: the ranks must decide alike (all raise), not one raise while the others go on into the
+    next collective. A barrier afterwards shows they are still in step."""
+    import deadwatch
+
+    def run(extra: bool, state: dict | None) -> tuple[dict, str | None]:
+        torch.manual_seed(0)
+        model = StrictResume(extra)
+        error = None
+        with deadwatch.watch(model, reporters=[], report_every=1000, window=WINDOW) as monitor:
+            if state is not None:
+                monitor.load_state_dict(state, strict=True)
+            for step in range(2):
+                model(rank_data(rank, world, step, seed=6)).sum().backward()
+                monitor.step()
+            try:
+                monitor.report()
+            except deadwatch.DeadwatchError as e:
+                error = str(e)
+            saved = monitor.state_dict()
+        return saved, error
+
+    saved, first = run(True, None)
+    _, error = run(rank == world - 1, saved)
+    dist.barrier()
+    return {"first_error": first, "error": error}
+
+
 def _hooks_left(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 SCENARIOS = {"ddp": scenario_ddp, "fsdp2": scenario_fsdp2, "branch": scenario_branch,
              "reused": scenario_reused, "conflict": scenario_conflict, "superset": scenario_superset,
-             "resume": scenario_resume, "recycle": scenario_recycle}
+             "resume": scenario_resume, "recycle": scenario_recycle, "strict": scenario_strict}
 
 
 def worker(rank: int, world: int, store: str, outdir: str, scenarios: list[str]) -> None:

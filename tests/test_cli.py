@@ -384,6 +384,10 @@ def check_demo(logdir: Path, out: str):
     for name in names:
         assert sum(1 for line in site_rows if line.strip("│").split("│")[0].strip() == name) == 2, out
     assert "critical" in out
+    # the dying run's hint: the large-update cause with its score, share and evidence
+    flat = " ".join(out.split())
+    assert re.search(r"large_update \(score (0\.9\d|1\.00), \d+ of \d+ dead units\): hidden2\.weight: updates "
+                     r"\|\|dW\|\|/\|\|W\|\| up to 0\.\d+ around steps \d+–\d+", flat), out
     # and the tensorboard command
     assert re.search(r"tensorboard --logdir \S*" + re.escape(logdir.name), out), out
 

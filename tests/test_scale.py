@@ -24,7 +24,7 @@ import dist_workers  # noqa: E402
 from dist_workers import STEPS, WINDOW, batch_size  # noqa: E402
 from reference import RefSite  # noqa: E402
 
-SCENARIOS = ["ddp", "fsdp2", "branch", "reused", "conflict", "resume", "recycle", "superset"]  # superset last: it may wedge
+SCENARIOS = ["ddp", "fsdp2", "branch", "reused", "conflict", "resume", "recycle", "strict", "superset"]  # superset last: it may wedge
 JOIN_DEADLINE_S = 90  # a hung collective fails after dist_workers.PG_TIMEOUT_S; this is the backstop
 
 
@@ -308,6 +308,19 @@ def test_conflicting_site_raises_on_every_rank_and_never_hangs(run):
         close_error = result["close_error"]
         assert close_error is None or close_error["is_deadwatch_error"], f"rank {rank}: close(): {close_error}"
         assert result["hooks_left"] == 0, f"rank {rank}: hooks left after close()"
+
+
+def test_strict_load_raises_on_every_rank_alike(run):
+    """A saved site that runs on the last rank only after the resume: every rank raises at the first
+    report (before, only the ranks without it raised and the last one went on into the next collective),
+    naming the ranks where it has not run; and they are still in step afterwards (the barrier passed)."""
+    world = run["world"]
+    for rank, result in enumerate(results_of(run, "strict")):
+        assert result["first_error"] is None
+        assert result["error"] is not None, f"rank {rank}: no error, while the other ranks raised"
+        for other in range(world - 1):
+            assert f"['gelu#0'] on rank {other}" in result["error"], result["error"]
+        assert f"on rank {world - 1}" not in result["error"]
 
 
 def test_spawn_is_fast(run):

@@ -396,7 +396,7 @@ def test_report_to_dict_is_json_and_matches():
     assert d["flagged"] == [layer.name for layer in report.layers if layer.status != "ok"]
     fields = {"name", "kind", "units", "dead_units", "dead_fraction", "zero_fraction", "observations", "status",
               "dormant_units", "dormant_fraction", "saturated_units", "saturated_fraction", "rare_units", "last_fired",
-              "bounds", "flags", "causes"}
+              "bounds", "flags", "causes", "certified_units", "certify_note"}
     assert [ld["name"] for ld in d["layers"]] == ALL_SITES + ["extra_act"]
     for ld, layer in zip(d["layers"], report.layers):
         assert set(ld) == fields

@@ -53,12 +53,12 @@ def record_values(model, modules, steps, on_step=None):
 
 
 def ref_dormant(values, tau=TAU, threshold=0.0):
-    """Sokar et al.: s_i = mean|h_i| / mean_k mean|h_k|; dormant when s_i <= tau, and every dead unit."""
+    """Sokar et al. (ReDo): s_i = mean|h_i| / mean_k mean|h_k|; dormant when s_i <= tau, whatever the
+    activation (a dead ReLU unit has s_i = 0; a dead GELU or tanh unit need not be dormant)."""
     h = np.concatenate(values, axis=1)
     m = np.array([np.mean(np.abs(h[u])) for u in range(h.shape[0])])
     s = m / m.mean()
-    dead = [u for u in range(h.shape[0]) if not any((v[u] > threshold).any() for v in values)]
-    return sorted({u for u in range(h.shape[0]) if s[u] <= tau} | set(dead))
+    return [u for u in range(h.shape[0]) if s[u] <= tau]
 
 
 def ref_saturated(values, lower, upper, share=SHARE, eps=EPS):
@@ -144,6 +144,31 @@ def test_dead_relu_units_are_dormant_and_scores_follow_tau():
         assert layer.dead_units == [1]
         assert layer.dormant_units == ref_dormant(values, tau), tau
     assert watched(net, steps, dormant_tau=0.1).layer("1").dormant_units == [1, 2]
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "tanh"])
+def test_dormant_is_redo_s_i_at_most_tau_for_every_activation(act):
+    """Units: 0 and 1 dead with an output near 0 (bias -1e4; tanh: a weight of 1e-3 below 0), 2 and 3 dead with
+    an output far from 0 (GELU at -0.75, its minimum -0.17; tanh stuck at -1; ReLU: 0 again), 4 firing
+    but nearly silent, 5-9 ordinary. Dormant is exactly s_i <= tau from every value, dead or not."""
+    module = {"relu": nn.ReLU(), "gelu": nn.GELU(), "tanh": nn.Tanh()}[act]
+    near_zero = [0.0, -1e4] if act != "tanh" else [0.0, 0.0]
+    w = [0.0, 0.0, 0.0, 0.0, 1e-3, 1.0, 1.0, 0.5, 1.0, 0.8]
+    b = near_zero + ([-0.75, -0.75] if act == "gelu" else [-1e4, -1e4]) + [0.0, 0.0, 0.3, 0.0, -0.2, 0.1]
+    if act == "tanh":
+        b[0] = -1e-3
+        b[1] = -2e-3
+    net = affine_net(module, w, b)
+    steps = batches(6, 10)
+    values = record_values(net, {"1": net[1]}, steps)["1"]
+    layer = watched(net, steps).layer("1")
+    assert layer.dead_units[:4] == [0, 1, 2, 3]
+    assert layer.dormant_units == ref_dormant(values)
+    if act == "relu":
+        assert {0, 1, 2, 3} <= set(layer.dormant_units)   # dead ReLU units have s_i = 0
+    else:
+        assert {0, 1} <= set(layer.dormant_units) and not {2, 3} & set(layer.dormant_units)  # dead, not dormant
+    assert 4 in layer.dormant_units and 4 not in layer.dead_units
 
 
 # ---- saturated ---------------------------------------------------------------------------------------

@@ -16,17 +16,21 @@ _ACTIVATION_MODULE_PATHS = ("torch.nn.modules.activation", "transformers.activat
                             "timm.layers.activations", "timm.models.layers.activations")
 
 
-def is_activation(module: nn.Module) -> bool:
+def is_activation(module: nn.Module, extra: tuple[type, ...] = ()) -> bool:
+    """An activation module: torch.nn's, transformers' or timm's unit-wise ones, or an instance of a class
+    named in the config's activations.extra (`extra`, imported)."""
     cls = type(module)
+    if extra and isinstance(module, extra):
+        return True
     return cls.__module__.startswith(_ACTIVATION_MODULE_PATHS) and cls.__name__ not in _NOT_UNITWISE
 
 
-NONNEGATIVE = {"relu", "relu6", "relusquaredactivation"}  # kinds whose output is never negative
+NONNEGATIVE = {"relu", "relu6", "relusquaredactivation", "tensor.relu"}  # kinds whose output is never negative
 
 
 def fire_threshold(kind: str, beta: float = 1.0) -> float:
     """The activation's value at pre-activation 0: an output above it means pre-activation > 0."""
-    kind = kind.lower()
+    kind = kind.lower().removeprefix("tensor.")  # a Tensor method's site: as its function
     if kind in ("sigmoid", "hardsigmoid"):
         return 0.5
     if kind == "softplus":
@@ -60,7 +64,7 @@ BOUNDED = {"tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0), "sigmoid": (0.0, 1.0), 
 def output_bounds(kind: str, module: nn.Module | None = None) -> tuple[float, float] | None:
     """The output range of a bounded activation, None for the others; Hardtanh (and ReLU6, its subclass)
     from the module's own min_val/max_val."""
-    bounds = BOUNDED.get(kind.lower())
+    bounds = BOUNDED.get(kind.lower().removeprefix("tensor."))
     if bounds is not None and module is not None and hasattr(module, "min_val") and hasattr(module, "max_val"):
         bounds = (float(module.min_val), float(module.max_val))
     return bounds if bounds is not None and bounds[1] > bounds[0] else None

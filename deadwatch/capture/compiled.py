@@ -72,23 +72,37 @@ def internal() -> bool:
 
 class EagerSteps:
     """The steps that must run eagerly (a site to find), for every monitor of the process: the
-    torch.compiler stance is "force_eager" while some monitor asks for it, and is put back to what it
-    was when the last one lets go."""
+    torch.compiler stance is "force_eager" while some monitor asks for it. When the last one lets go,
+    the stance goes back to exactly what it was just before deadwatch set it, unless the user set
+    another stance meanwhile: theirs is kept."""
 
     def __init__(self) -> None:
         self.holders: set[int] = set()
         self.held: object | None = None  # torch.compiler.set_stance's object: restores the prior stance
+        self.ours: object | None = None  # the stance object deadwatch set, to tell whether it is still in force
 
     def want(self, owner: object, eager: bool) -> None:
+        self.set(id(owner), eager)
+
+    def set(self, owner: int, eager: bool) -> None:
         if eager:
-            self.holders.add(id(owner))
+            self.holders.add(owner)
         else:
-            self.holders.discard(id(owner))
+            self.holders.discard(owner)
         if self.holders and self.held is None:
             self.held = torch.compiler.set_stance("force_eager")
+            self.ours = _stance()
         elif not self.holders and self.held is not None:
             held, self.held = self.held, None
+            if self.ours is not None and _stance() is not self.ours:
+                return  # the user set a stance while deadwatch held its own: leave theirs
             held.__exit__(None, None, None)  # type: ignore[attr-defined]
+
+
+def _stance() -> object | None:
+    """The stance in force now (torch._dynamo's own object; None where this torch does not keep one)."""
+    from torch._dynamo import eval_frame
+    return getattr(eval_frame, "_stance", None)
 
 
 EAGER = EagerSteps()

@@ -1,14 +1,19 @@
-"""Activation functions called inside forward (`F.relu`, `torch.relu`, `F.gelu`, ...).
+"""Activation functions called inside forward (`F.relu`, `torch.relu`, `F.gelu`, `x.relu()`, ...).
 
 One set of wrappers for the whole process, shared by every open Capture: installed when the first
-capture attaches, the originals put back when the last one closes. A wrapper hands the output to
-the capture that owns the calling module: the module whose method is nearest on the stack.
+capture attaches, the originals put back when the last one closes (or is garbage-collected: the
+patch holds captures weakly, so a model and monitor dropped without close() are freed, and each
+capture's finalizer lets go of the patch). A wrapper hands the output to the capture that owns the
+calling module: the module whose method is nearest on the stack. Tensor methods (`x.relu()`,
+`x.relu_()`, `x.sigmoid()`, `x.tanh()`) are wrapped the same way, on torch.Tensor.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -29,32 +34,52 @@ def _targets(name: str) -> list[tuple[Any, str]]:
         targets.append((torch.nn.functional, name + "_"))
     if name in ("relu", "selu", "celu", "rrelu"):
         targets.append((torch, name + "_"))
+    if name in TENSOR_METHODS:
+        targets += [(torch.Tensor, name), (torch.Tensor, name + "_")]
     return [(ns, attr) for ns, attr in targets if hasattr(ns, attr)]
+
+
+TENSOR_METHODS = ("relu", "sigmoid", "tanh")  # x.relu(), x.relu_(), ... wrapped on torch.Tensor
 
 
 class FunctionPatch:
     def __init__(self) -> None:
-        self.captures: list[Capture] = []
+        self.held: dict[int, weakref.ref[Capture]] = {}  # id(capture) -> the capture, held weakly
         self.originals: dict[tuple[int, str], tuple[Any, Callable]] = {}
         self.wrappers: dict[int, Callable] = {}  # id(original function) -> its wrapper
         self.imported: dict[tuple[int, str], tuple[dict, Any]] = {}  # names imported into model code, swapped
-        self.busy = False  # F.relu calls torch.relu: count the outer call only
+        self.local = threading.local()  # .busy: F.relu calls torch.relu: count the outer call only, per thread
+        self.busy = False               # the same while dynamo traces a wrapper
+
+    @property
+    def captures(self) -> list[Capture]:
+        return [c for c in (ref() for ref in list(self.held.values())) if c is not None]
 
     def attach(self, capture: Capture) -> None:
-        self.captures.append(capture)
+        if not self.originals:
+            _load_compiler()
+        # a capture collected without detach() (a model and monitor dropped) lets go of the patch too
+        self.held[id(capture)] = weakref.ref(capture, lambda _, key=id(capture): self.release(key))
         for fn_name in capture.config.functions:
             for ns, attr in _targets(fn_name):
                 key = (id(ns), attr)
                 if key not in self.originals:
                     original = getattr(ns, attr)
                     self.originals[key] = (ns, original)
-                    self.wrappers[id(original)] = self._wrap(fn_name, original)
+                    # a method's sites are its own (Tensor.relu#k): torch.compile puts x.relu() in its graph
+                    # without calling the wrapper, and must not shift the numbering of F.relu's sites
+                    label = f"Tensor.{fn_name}" if ns is torch.Tensor else fn_name
+                    self.wrappers[id(original)] = self._wrap(fn_name, label, original)
                     setattr(ns, attr, self.wrappers[id(original)])
 
     def detach(self, capture: Capture) -> None:
-        if capture in self.captures:
-            self.captures.remove(capture)
-        if not self.captures:
+        self.release(id(capture))
+
+    def release(self, capture_id: int) -> None:
+        """Let go of a capture (by id: also from its finalizer, once it is gone); the originals go back
+        when no capture is left."""
+        self.held.pop(capture_id, None)
+        if not self.held:
             for (_, attr), (ns, original) in self.originals.items():
                 setattr(ns, attr, original)
             for (_, name), (namespace, original) in self.imported.items():
@@ -62,36 +87,41 @@ class FunctionPatch:
             self.originals.clear()
             self.wrappers.clear()
             self.imported.clear()
-            self.busy = False
 
-    def _wrap(self, fn_name: str, original: Callable) -> Callable:
+    def _wrap(self, fn_name: str, label: str, original: Callable) -> Callable:
         patch = self
 
         @functools.wraps(original)
         def activation(*args: Any, **kwargs: Any) -> Any:
-            if patch.busy or not patch.captures or compiled.internal():
+            # traced code keeps its flag on the patch (tracing runs in one thread; dynamo cannot trace a
+            # threading.local); eager code per thread, so another thread's call never hides this one
+            state = patch if torch.compiler.is_dynamo_compiling() else patch.local
+            if getattr(state, "busy", False) or not patch.held or compiled.internal():
                 return original(*args, **kwargs)
-            patch.busy = True
+            state.busy = True
             try:
                 out = original(*args, **kwargs)
             finally:
-                patch.busy = False
+                state.busy = False
+            captures = patch.captures
             if torch.compiler.is_dynamo_compiling():  # traced code cannot walk frames: see compiled.py
-                for capture in patch.captures:
+                for capture in captures:
                     if fn_name in capture.functions and capture.stack:
-                        capture.waiting(fn_name, out, capture.stack[-1], args, kwargs)
+                        capture.waiting(label, out, capture.stack[-1], args, kwargs)
                 return out
             module = calling_module(sys._getframe(1))
-            if module is not None and not is_activation(module):  # F.relu inside nn.ReLU: the module's own site
-                for capture in patch.captures:
-                    if fn_name in capture.functions and id(module) in capture.paths:
-                        capture.on_function(fn_name, out, module, args, kwargs)
+            if module is not None:
+                for capture in captures:
+                    known = capture.paths.get(id(module))  # (path, is an activation module)
+                    # F.relu inside nn.ReLU (or a class in activations.extra): the module's own site counts it
+                    if known is not None and not known[1] and fn_name in capture.functions:
+                        capture.on_function(label, out, module, args, kwargs)
             return out
 
         activation.__deadwatch_original__ = original  # type: ignore[attr-defined]
         return activation
 
-    def swap_stored(self, model: nn.Module) -> list[tuple[dict, str, Any]]:
+    def swap_stored(self, model: nn.Module, extra: tuple[type, ...] = ()) -> list[tuple[dict, str, Any]]:
         """Activation functions taken before the patch still point at the originals: attributes of
         modules (nn.TransformerEncoderLayer keeps F.gelu in self.activation, also as a functools.partial)
         and names imported into the model code's modules (`from torch.nn.functional import relu`).
@@ -110,7 +140,7 @@ class FunctionPatch:
             for cls in type(module).__mro__:
                 if not cls.__module__.startswith(("torch.", "builtins")) and cls.__module__ in sys.modules:
                     code_modules[cls.__module__] = vars(sys.modules[cls.__module__])
-            if not is_activation(module):
+            if not is_activation(module, extra):
                 instances.append(vars(module))
         swapped = []
         for shared, namespaces in ((True, code_modules.values()), (False, instances)):
@@ -128,6 +158,12 @@ class FunctionPatch:
 
 
 PATCH = FunctionPatch()
+
+
+def _load_compiler() -> None:
+    """torch._dynamo reads torch's functions (torch.relu, ...) when it is first imported: let it read the
+    originals, not the wrappers, or a model compiled after this monitor closes cannot trace them."""
+    import torch._dynamo  # noqa: F401
 
 
 def calling_module(frame: Any) -> nn.Module | None:

@@ -84,7 +84,7 @@ class Capture:
                                  f"(at least {taken[0]!r}); close that one first: one monitor per model")
         try:
             for path, module in self.model.named_modules():
-                act = is_activation(module)
+                act = is_activation(module, self.config.extra_classes)
                 self.paths[id(module)] = (path, act)
                 _WATCHED.add(module)
                 if act:
@@ -97,7 +97,7 @@ class Capture:
                     self.handles.append(module.register_forward_hook(self._leave, always_call=True))
             if self.functions:
                 PATCH.attach(self)
-                self.swapped = PATCH.swap_stored(self.model)
+                self.swapped = PATCH.swap_stored(self.model, self.config.extra_classes)
             compiled.EAGER.want(self, True)  # the first step finds the sites eagerly, compiled or not
         except BaseException:
             self.detach()
@@ -354,9 +354,9 @@ class Capture:
         seen = self.names(list(self.sites))
         if not seen:
             return ("no activation that deadwatch can see ran in a counted forward of the model: it watches "
-                    "activation modules (torch.nn, transformers, timm) and the functions in `functions` "
-                    f"({', '.join(sorted(self.functions)) or 'none'}), in training mode unless count_eval is true; "
-                    "tensor methods such as x.relu() are not seen")
+                    "activation modules (torch.nn, transformers, timm, and the classes in activations.extra) and the "
+                    f"functions in `functions` ({', '.join(sorted(self.functions)) or 'none'}), also as tensor "
+                    "methods (x.relu()), in training mode unless count_eval is true")
         patterns = [f"include {list(self.config.include)}"] * bool(self.config.include) + \
                    [f"exclude {list(self.config.exclude)}"] * bool(self.config.exclude)
         if patterns:
