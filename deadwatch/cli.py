@@ -1,5 +1,5 @@
-"""The `deadwatch` command: summary, compare, check, demo. summary and compare read run logs only and never
-import torch (check does, to load a saved model; demo, to train).
+"""The `deadwatch` command: summary, compare, report, check, demo. summary, compare and report read run logs only
+and never import torch (check does, to load a saved model; demo, to train).
 
 Exit codes: 0 fine; 1 --fail-on triggered; 2 usage or input error (one line on stderr).
 """
@@ -17,6 +17,7 @@ import warnings
 from typing import Iterator, Sequence
 
 from rich.console import Console, Group
+from rich.measure import Measurement
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
@@ -33,6 +34,7 @@ MAX_LISTED_UNITS = 12
 BLOCKS = "▁▂▃▄▅▆▇█"   # dead fraction 0, then (0, 1/7], (1/7, 2/7], ... (6/7, 1]
 IDLE_MARK = "·"        # a report where the site was idle, or not yet run: not judged
 SPARK_WIDTH = 24       # characters; more reports than this are binned
+UNBOUNDED_WIDTH = 1 << 16
 
 
 class UsageError(DeadwatchError):
@@ -121,25 +123,52 @@ def dead_series(log: runlog.RunLog, site: str) -> list[float | None]:
     return series
 
 
-def summary_view(log: runlog.RunLog, report: Report) -> Group:
+# Columns of the summary table that a narrow terminal drops, first dropped first; site, dead and status stay.
+DROP_ORDER = ("kind", "zero frac", "units", "dead trend", "flags", "dormant", "dead per report")
+
+
+def summary_view(log: runlog.RunLog, report: Report, width: int | None = None) -> Group:
+    """The summary: title, table, flagged sites. With `width` (a terminal's columns), the table's lower-priority
+    columns (DROP_ORDER) are left out until it fits, so that site names, dead counts and status are never cut
+    to an ellipsis (a site name too long even then wraps)."""
     first = {layer.name: layer for layer in Report.from_dict(log.records[0]).layers}
     title = title_line(f"{log.path}: step {report.step}, window {report.window} steps, {len(log.records)} reports, "
                        f"{headline(report)}")
+    table = _summary_table(log, report, first, ())
+    for n in range(1, len(DROP_ORDER) + 1):
+        if width is None or _natural_width(table) <= width:
+            break
+        table = _summary_table(log, report, first, DROP_ORDER[:n])
+    return Group(title, table, *_summary_lines(log, report))
+
+
+def _natural_width(table: Table) -> int:
+    console = Console(width=UNBOUNDED_WIDTH)
+    return Measurement.get(console, console.options, table).maximum
+
+
+def _summary_table(log: runlog.RunLog, report: Report, first: dict[str, LayerReport], drop: Sequence[str]) -> Table:
     table = Table()
     site_column(table)
     verdicts = has_verdicts(report)
     columns = [("kind", "left"), ("units", "right"), ("dead", "right"), ("zero frac", "right")]
     columns += [("dormant", "right"), ("flags", "left")] * verdicts
     columns += [("dead per report", "left"), ("dead trend", "left"), ("status", "left")]
-    for column, justify in columns:
-        table.add_column(column, justify=justify)
+    columns = [(name, justify) for name, justify in columns if name not in drop]
+    for column, justify in columns:  # dead and status are never wrapped or cut (the site name folds)
+        table.add_column(column, justify=justify, no_wrap=column in ("dead", "status"))
     for layer in report.layers:
-        cells = [Text(layer.name), Text(layer.kind), str(layer.units), dead_cell(layer), percent(layer.zero_fraction)]
-        if verdicts:
-            cells += [count_cell(layer.dormant_units, layer.dormant_fraction), flags_cell(layer)]
-        cells += [Text(sparkline(dead_series(log, layer.name)), style=STYLES[layer.status]),
-                  _trend(first.get(layer.name), layer), Text(layer.status, style=STYLES[layer.status])]
-        table.add_row(*cells)
+        cells = {"kind": Text(layer.kind), "units": str(layer.units), "dead": dead_cell(layer),
+                 "zero frac": percent(layer.zero_fraction),
+                 "dormant": count_cell(layer.dormant_units, layer.dormant_fraction), "flags": flags_cell(layer),
+                 "dead per report": Text(sparkline(dead_series(log, layer.name)), style=STYLES[layer.status]),
+                 "dead trend": _trend(first.get(layer.name), layer),
+                 "status": Text(layer.status, style=STYLES[layer.status])}
+        table.add_row(Text(layer.name), *(cells[name] for name, _ in columns))
+    return table
+
+
+def _summary_lines(log: runlog.RunLog, report: Report) -> list[Text]:
     lines = flag_lines(report)
     for layer in report.flagged:
         lines.append(Text.assemble((f"{layer.name} ({layer.status}): ", STYLES[layer.status]), layer.hint or ""))
@@ -151,7 +180,7 @@ def summary_view(log: runlog.RunLog, report: Report) -> Group:
     lines += certified_lines(report)
     if log.recycles:
         lines.append(Text(recycled_text([r for _, r in log.recycles])))
-    return Group(title, table, *lines, *notes(report))
+    return lines + notes(report)
 
 
 def recycled_text(records: list[dict]) -> str:
@@ -173,7 +202,7 @@ def cmd_summary(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
-        print_fitted(out, summary_view(log, report))
+        print_fitted(out, summary_view(log, report, out.width if out.is_terminal else None))
     if args.fail_on in FLAGS:
         failing = [layer.name for layer in report.layers if layer.status != IDLE and args.fail_on in layer.flags]
         if failing:
@@ -216,6 +245,20 @@ def cmd_compare(args: argparse.Namespace, out: Console, err: Console) -> int:
     ended = [Text(f"{label} ended in an error after step {r.step}: {r.error}", style="bold red")
              for label, r in (("A", a), ("B", b)) if r.error is not None]
     print_fitted(out, Group(title, table, *ended))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from . import htmlreport
+
+    log = _read(args.run_dir, err)
+    try:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(htmlreport.render(log))
+    except OSError as e:
+        raise UsageError(f"--html {args.html!r} cannot be written: {e.strerror}") from None
+    out.print(f"deadwatch: wrote {args.html} (step {log.last.step}, {len(log.records)} reports)", markup=False,
+              highlight=False, soft_wrap=True)
     return 0
 
 
@@ -266,6 +309,10 @@ def parser() -> Parser:
     c.add_argument("run_a", metavar="RUN_A")
     c.add_argument("run_b", metavar="RUN_B")
     c.set_defaults(run=cmd_compare)
+    r = sub.add_parser("report", help="a self-contained HTML page about a run, to attach or send")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a logdir given to deadwatch.watch() (holds deadwatch.jsonl)")
+    r.add_argument("--html", metavar="OUT.html", required=True, help="where to write the page")
+    r.set_defaults(run=cmd_report)
     k = sub.add_parser("check", help="a saved model: certified dead units, units dead on data, pruning")
     k.add_argument("path", metavar="PATH", help="a state dict or whole model (.pt/.pth/.bin), .safetensors, a Lightning "
                    ".ckpt, or a Hugging Face model folder (config.json; nothing is downloaded)")

@@ -18,9 +18,10 @@ import yaml
 
 from .errors import ConfigError
 
-REPORTERS = ("console", "jsonl", "tensorboard")
+REPORTERS = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
 SUBKEYS = {"thresholds": ("warn", "critical", "dormant", "saturated", "rare"), "saturation": ("share", "eps"),
-           "recycle": ("every", "units", "max_fraction"), "activations": ("extra",)}
+           "recycle": ("every", "units", "max_fraction"), "activations": ("extra",), "wandb": ("project", "name"),
+           "mlflow": ("experiment", "run_name")}
 RECYCLE_UNITS = ("dead", "dormant")
 FILE_REPORTERS = ("jsonl", "tensorboard")
 FUNCTIONS = (
@@ -52,6 +53,8 @@ class Config:
     recycle_every: int = 0          # recycle at every N-th periodic report; 0: never (off)
     recycle_units: str = "dead"     # RECYCLE_UNITS
     recycle_max_fraction: float = 0.1  # at most this share of a site's units per recycling
+    wandb: tuple[tuple[str, str | None], ...] = (("project", "deadwatch"), ("name", None))  # a run deadwatch starts
+    mlflow: tuple[tuple[str, str | None], ...] = (("experiment", "deadwatch"), ("run_name", None))
     activations_extra: tuple[str, ...] = ()  # dotted paths of more activation module classes
     extra_classes: tuple[type, ...] = field(default=(), compare=False)  # those classes, imported
     reporters_given: bool = field(default=False, compare=False)
@@ -76,6 +79,8 @@ class Config:
             "rare_rate": self.rare_rate,
             "recycle": {"every": self.recycle_every, "units": self.recycle_units,
                         "max_fraction": self.recycle_max_fraction},
+            "wandb": dict(self.wandb),
+            "mlflow": dict(self.mlflow),
             "activations": {"extra": list(self.activations_extra)},
         }
 
@@ -253,6 +258,16 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
     if max_fraction == 0:
         raise ConfigError("recycle.max_fraction must be above 0 (it caps the share of a site's units recycled at "
                           "once), got 0")
+    names = {}
+    for key, required in (("wandb", "project"), ("mlflow", "experiment")):
+        if not isinstance(m[key], Mapping):
+            raise ConfigError(f"{key} must be a mapping with {', '.join(SUBKEYS[key])}, got {m[key]!r}")
+        for sub in SUBKEYS[key]:
+            value = m[key][sub]
+            if not (isinstance(value, str) and value) and not (value is None and sub != required):
+                what = "a non-empty string" if sub == required else "a non-empty string or null"
+                raise ConfigError(f"{key}.{sub} must be {what}, got {value!r}")
+        names[key] = tuple((sub, m[key][sub]) for sub in SUBKEYS[key])
     activations = m["activations"]
     if not isinstance(activations, Mapping):
         raise ConfigError(f"activations must be a mapping with extra, got {activations!r}")
@@ -291,6 +306,8 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         recycle_every=every,
         recycle_units=recycle["units"],
         recycle_max_fraction=max_fraction,
+        wandb=names["wandb"],
+        mlflow=names["mlflow"],
         activations_extra=extra_paths,
         extra_classes=extra,
         reporters_given=reporters_given,

@@ -527,5 +527,11 @@ def _reporter(name: str, monitor: Monitor) -> Reporter:
     if name == "jsonl":
         from .reporters.runlog import RunLogReporter
         return RunLogReporter(monitor.logdir, monitor.config, resumed=lambda: monitor._resumed)
+    if name == "wandb":
+        from .reporters.wandb import WandbReporter
+        return WandbReporter(monitor.config, monitor.logdir)
+    if name == "mlflow":
+        from .reporters.mlflow import MlflowReporter
+        return MlflowReporter(monitor.config)
     from .reporters.tensorboard import TensorBoardReporter
     return TensorBoardReporter(monitor.logdir, monitor.config)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Screenshots of the real TensorBoard pages for the demo run, for the README.
+# Screenshots for the README and the docs: the real TensorBoard pages for the demo run, then docs/shots.py.
 # Needs Debian's chromium (apt-get install chromium). Run from the repository root after `make demo`.
 set -euo pipefail
 port=${PORT:-6123}
@@ -12,5 +12,7 @@ shot() {
     --disable-component-update --disable-sync --user-data-dir="$(mktemp -d)" --hide-scrollbars \
     --window-size=1400,"$2" --virtual-time-budget=15000 --screenshot="docs/$1.png" "http://127.0.0.1:$port/#$3"
 }
-shot tensorboard-custom-scalars 620 custom_scalars
+shot tensorboard-custom-scalars 1250 custom_scalars
 shot tensorboard-heatmap 760 images
+# the heatmap's colour bands, the summary at 60 columns and the HTML report
+.venv/bin/python docs/shots.py runs/demo

@@ -147,9 +147,17 @@ BAD = [
     ({"thresholds": {"warn": 0.5}}, "thresholds.warn"),            # above the default critical
     ({"thresholds": {"critical": 0.001}}, "thresholds.critical"),  # below the default warn
     # reporters
-    ({"reporters": ["console", "wandb"]}, "reporters"),
+    ({"reporters": ["console", "wandbb"]}, "reporters"),
     ({"reporters": "console"}, "reporters"),
     ({"reporters": [1]}, "reporters"),
+    # wandb / mlflow names
+    ({"wandb": {"project": ""}}, "wandb.project"),
+    ({"wandb": {"project": None}}, "wandb.project"),
+    ({"wandb": {"name": 3}}, "wandb.name"),
+    ({"wandb": "proj"}, "wandb"),
+    ({"mlflow": {"experiment": None}}, "mlflow.experiment"),
+    ({"mlflow": {"run_name": ""}}, "mlflow.run_name"),
+    ({"mlflow": {"run": "x"}}, "mlflow.run"),
     # include / exclude: lists of valid regexes
     ({"include": "conv"}, "include"),
     ({"include": ["(unclosed"]}, "include"),

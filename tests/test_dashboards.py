@@ -115,17 +115,60 @@ def test_figure_cells_hold_the_fractions_with_idle_and_nonfinite_apart():
     assert np.array_equal(values.data[finite], expected[finite])
     assert (np.ma.getmaskarray(marks) == finite).all()
     assert marks[1, 0] == 0 and marks[1, 2] == 1                    # idle, nonfinite
-    # rendered: black at 0, white at 100%, slate grey idle, magenta nonfinite
+    # rendered: each cell in its band's colour (up to a step of the 256-entry colour table), slate idle,
+    # magenta nonfinite
     rgb = {(r, c): pixel(fig, ax, r, c) for r in range(2) for c in range(4)}
-    assert rgb[0, 0] == rgb[1, 1] == (0, 0, 0)
-    assert rgb[0, 2] == rgb[0, 3] == (255, 255, 255)
+
+    def near(got, value, tolerance=4):
+        want = 255 * tb.colour(np.array([value]))[:, 0]
+        return max(abs(a - b) for a, b in zip(got, want)) <= tolerance
+
+    assert rgb[0, 0] == rgb[1, 1] and near(rgb[0, 0], 0.0)
+    assert rgb[0, 2] == rgb[0, 3] and near(rgb[0, 2], 1.0)
+    assert near(rgb[0, 1], 0.5, tolerance=8)
     assert max(abs(a - 255 * b) for a, b in zip(rgb[1, 0], tb.IDLE_RGB)) <= 1   # 8-bit rounding
     assert rgb[1, 2] == (255, 0, 255)
-    # 50%: the fallback image's colour (sqrt scale: light yellow), up to a step of the 256-entry colour table
-    # (the ramp climbs 3 levels a step)
-    half = 255 * tb.colour(np.array([[0.5]]))[:, 0, 0]
-    assert max(abs(a - b) for a, b in zip(rgb[0, 1], half)) <= 3, (rgb[0, 1], half)
-    assert rgb[0, 1][:2] == (255, 255) and 0 < rgb[0, 1][2] < 255
+
+
+def hue(rgb):
+    import colorsys
+    h, l, s = colorsys.rgb_to_hls(*rgb)
+    return 360 * h, l, s
+
+
+@pytest.mark.parametrize("warn, critical", [(0.01, 0.10), (0.02, 0.3), (0.0, 0.1)])
+def test_colour_bands_keep_healthy_calm_warn_distinct_critical_red(warn, critical):
+    """Below warn: a neutral grey (saturation low), lighter at 0; the warn band amber/orange; critical red,
+    darker towards 100%. A 5%-dead layer with the default thresholds is amber, not red."""
+    values = np.array([0.0, warn / 2, warn, (warn + critical) / 2, critical, 1.0])
+    rgb = tb.colour(values, warn, critical).T
+    zero, below, at_warn, mid_warn, at_critical, full = (hue(c) for c in rgb)
+    for h, l, s in ([zero, below] if warn > 0 else []):
+        assert s < 0.3 and l > 0.75                                      # neutral, light
+    if warn > 0:
+        assert zero[1] > below[1]                                        # darker towards warn
+    for h, l, s in (at_warn, mid_warn):
+        assert 25 <= h <= 50 and s > 0.8                                 # amber / orange
+    for h, l, s in (at_critical, full):
+        assert (h <= 5 or h >= 345) and s > 0.6                          # red
+    assert at_critical[1] > full[1]                                      # darker towards 100%
+    five = hue(tb.colour(np.array([0.05]))[:, 0])
+    assert 25 <= five[0] <= 50                                           # the default bands: 5% is warn, amber
+
+
+def test_bands_per_field():
+    config = deadwatch.config.load(thresholds={"warn": 0.02, "critical": 0.2, "dormant": 0.3})
+    assert tb.bands(config, "dead_fraction") == (0.02, 0.2)
+    assert tb.bands(config, "dormant_fraction") == (0.3, 0.5)          # the dormant flag share, then half
+    assert tb.bands(deadwatch.config.load(thresholds={"dormant": 0.7}), "dormant_fraction") == (0.7, 0.7)
+
+
+def test_colour_bar_marks_the_bands():
+    fig = tb.figure(history(), SITES, [r.step for r in REPORTS], band=(0.02, 0.2))
+    (bar,) = [a for a in fig.axes if a is not cells_axes(fig)]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["0%", "2%", "20%", "100%"]
+    # each band a third of the bar
+    assert np.allclose(bar.get_yticks(), [0, 0.02, 0.2, 1.0])
 
 
 def test_figure_labels_every_kth_site_when_there_are_many():
@@ -175,7 +218,8 @@ def test_dormant_heatmap_shows_the_dormant_fraction():
     fig = tb.figure(history("dormant_fraction"), SITES, [10, 20, 30, 40], "dormant fraction")
     ax = cells_axes(fig)
     assert ax.get_title(loc="left") == "dormant fraction"
-    assert pixel(fig, ax, 0, 0) == (255, 255, 255)   # dormant everywhere while barely dead at first
+    want = 255 * tb.colour(np.array([1.0]), *tb.bands(deadwatch.config.load(), "dormant_fraction"))[:, 0]
+    assert max(abs(a - b) for a, b in zip(pixel(fig, ax, 0, 0), want)) <= 4   # dormant everywhere, barely dead
 
 
 def test_fallback_without_matplotlib_is_the_raw_image(tmp_path, monkeypatch):
@@ -189,7 +233,8 @@ def test_fallback_without_matplotlib_is_the_raw_image(tmp_path, monkeypatch):
         for im, columns in zip(images, (1, 3, 4)):
             assert (im.height, im.width) == (len(SITES) * tb.CELL_H, columns * tb.CELL_W)
         img = decode(images[1])
-        expected = tb.heatmap(history(field)[:3], SITES).numpy()
+        band = {"dead_fraction": (0.01, 0.10), "dormant_fraction": (0.10, 0.5)}[field]   # default.yaml's thresholds
+        expected = tb.heatmap(history(field)[:3], SITES, band).numpy()
         assert np.abs(img - 255 * expected.transpose(1, 2, 0)).max() <= 1      # 8-bit rounding
 
 
@@ -277,10 +322,93 @@ def test_custom_scalars_put_dormant_and_saturated_beside_dead(tmp_path):
     (tag,) = acc.PluginTagToContent("custom_scalars")
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors(tag)[0].tensor_proto.string_val[0])
-    (category,) = layout.category
+    category = layout.category[0]
     shown = [[t for t in ("deadwatch/dead_fraction/a", "deadwatch/dormant_fraction/a",
                           "deadwatch/saturated_fraction/a", "deadwatch/threshold/warn")
               if any(re.match(rx, t) for rx in chart.multiline.tag)] for chart in category.chart]
     assert shown[:3] == [["deadwatch/dead_fraction/a", "deadwatch/threshold/warn"],
                          ["deadwatch/dormant_fraction/a", "deadwatch/threshold/warn"],
                          ["deadwatch/saturated_fraction/a", "deadwatch/threshold/warn"]]
+
+
+def tensorboard_y_range(values):
+    """TensorBoard's y range for a chart with "ignore outliers in chart scaling" (its default): the 5% and 95%
+    quantiles, a fifth of their span added above (vz_chart_helpers.computeDomain)."""
+    a, b = np.quantile(values, 0.05), np.quantile(values, 0.95)
+    return a, b + 0.2 * (b - a) if b > a else b + (0.1 if abs(b) < 1e-5 else 0.1 * abs(b))
+
+
+def test_custom_scalars_chart_per_site_named_and_unclipped(tmp_path):
+    """One chart per site, titled with the site, showing that site's lines only (with the thresholds and the
+    100% line): a reader tells the lines apart, and a site that jumps to 90% dead in the last report, among 30
+    sites at 0, is inside TensorBoard's outlier-ignoring y range, which would cut it off without the 100% line."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    sites = [f"blocks.{i}.act" for i in range(30)]
+    reports = [Report(step=10 * (s + 1), window=10, layers=[layer(site, "ok") for site in sites[:-1]]
+                      + [layer(sites[-1], "critical", dead=9, dormant=9, units=10) if s == 19 else layer(sites[-1], "ok")])
+               for s in range(20)]
+    reporter, acc = emit_all(tmp_path, reports, image_every=100)
+    (tag,) = acc.PluginTagToContent("custom_scalars")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(tag)[0].tensor_proto.string_val[0])
+    per_site = {c.title: c for category in layout.category[1:] for c in category.chart}
+    assert [t.split(":")[0] for t in per_site] == sites
+    tags = acc.Tags()["scalars"]
+
+    def shown(chart):   # TensorBoard's custom-scalars plugin selects tags with re.match
+        return {t for t in tags if any(re.match(rx, t) for rx in chart.multiline.tag)}
+
+    for site in sites:
+        chart = next(c for t, c in per_site.items() if t.startswith(site + ":"))
+        assert {t for t in shown(chart) if "threshold" not in t and "scale" not in t} == {
+            f"deadwatch/{f}_fraction/{site}" for f in ("dead", "dormant")}
+    last = next(c for t, c in per_site.items() if t.startswith(sites[-1] + ":"))
+    values = [e.value for t in shown(last) for e in acc.Scalars(t)]
+    assert max(values) == 1.0 and tensorboard_y_range(values)[1] >= 1.0       # 0-100%: the 90% point shows
+    without_full = [e.value for t in shown(last) - {"deadwatch/scale/full"} for e in acc.Scalars(t)]
+    assert tensorboard_y_range(without_full)[1] < 0.9                           # it would be cut off
+    overview = next(c for c in layout.category[0].chart if c.title.startswith("dead fraction per site"))
+    every_site = [e.value for t in shown(overview) - {"deadwatch/scale/full"} for e in acc.Scalars(t)]
+    assert tensorboard_y_range(every_site)[1] < 0.9                             # why the per-site charts
+
+
+# ---- the summary in a narrow terminal ----------------------------------------------------------------
+
+LONG = "encoder.layer.11.intermediate.intermediate_act_fn"
+
+
+@pytest.mark.parametrize("columns", [30, 36, 60, 72, 200])
+def test_summary_fits_a_narrow_terminal_without_cutting(tmp_path, capsys, monkeypatch, columns):
+    """In a terminal of 60 columns: site names, dead counts and status are never cut to an ellipsis; the
+    lower-priority columns go first (kind, zero frac, units, trend, ...); a long site name wraps."""
+    reports = [Report(step=s, window=10, layers=[layer(LONG, "critical", dead=d, dormant=d),
+                                                 layer("head.act", "ok", 0, 0)]) for s, d in ((10, 2), (20, 5))]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [{"type": "header", "started": "t", "deadwatch": "0.1.0", "torch": "2", "config": {}, "resumed": False}]
+    lines += [{"type": "report", "time": "t", **r.to_dict(), "firing_rate": {}} for r in reports]
+    (run_dir / runlog.FILENAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")      # rich: a terminal
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert cli.main(["summary", str(run_dir)]) == 0
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert max(len(line) for line in out.splitlines()) <= columns
+    assert "…" not in out
+    assert "5 (62.5%)" in out and "0 (0.0%)" in out and "critical" in out    # whole, on one line each
+    if columns < 36:   # narrower than site + dead + status: even the header names fold
+        return
+    body = [line for line in out.splitlines() if line.startswith("│")]
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in body]
+    header = next(line for line in out.splitlines() if line.startswith("┃"))
+    names = [c.strip() for c in header.strip("┃").split("┃")]
+    assert names[0] == "site" and "dead" in names and names[-1] == "status"
+    assert "".join(c[0] for c in cells) == LONG + "head.act"            # wrapped, whole
+    dead = names.index("dead")
+    assert [c[dead] for c in cells if c[dead]] == ["5 (62.5%)", "0 (0.0%)"]
+    assert [c[-1] for c in cells if c[-1]] == ["critical", "ok"]
+    if columns == 200:
+        assert len(names) == 10                                          # room enough: every column
+    if columns == 60:
+        assert "kind" not in names and "zero frac" not in names          # dropped first

@@ -371,7 +371,7 @@ def test_hf_trainer_failed_train_then_retry(tmp_path):
     with pytest.raises(RuntimeError, match="forward failed") as failure:
         trainer.train()
     failing.remove()
-    callback.close(error=failure.value)  # what the README tells users to do
+    callback.close(error=failure.value)  # what docs/integrations.md tells users to do
     assert_no_hooks(model)
 
 

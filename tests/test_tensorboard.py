@@ -112,7 +112,7 @@ def scalar_tags(sites):
     return ({f"deadwatch/dead_fraction/{s}" for s in sites} | {f"deadwatch/zero_fraction/{s}" for s in sites}
             | {f"deadwatch/dormant_fraction/{s}" for s in sites}
             | {"deadwatch/dead_fraction/all", "deadwatch/flagged_sites",
-               "deadwatch/threshold/warn", "deadwatch/threshold/critical"})
+               "deadwatch/threshold/warn", "deadwatch/threshold/critical", "deadwatch/scale/full"})
 
 
 # ---- tags -------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_custom_scalars_layout_written_once(run):
     all_scalars = scalar_tags(SITES)
     dead = {f"deadwatch/dead_fraction/{s}" for s in SITES} | {"deadwatch/dead_fraction/all"}
     zero = {f"deadwatch/zero_fraction/{s}" for s in SITES}
-    thresholds = {"deadwatch/threshold/warn", "deadwatch/threshold/critical"}
+    thresholds = {"deadwatch/threshold/warn", "deadwatch/threshold/critical", "deadwatch/scale/full"}
 
     def shown(chart):  # TensorBoard's custom-scalars plugin selects tags with re.match
         assert chart.HasField("multiline")

@@ -1,4 +1,4 @@
-"""Reporters: where reports go. Built in: console, jsonl (the run log), tensorboard; or any object
+"""Reporters: where reports go. Built in: console, jsonl (the run log), tensorboard, wandb, mlflow; or any object
 with emit(report) and close(), passed in `reporters=[...]`. A reporter that also has
 recycled(step, units) is told of each recycling (Monitor.recycle); one without it is not."""
 

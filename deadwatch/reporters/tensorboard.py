@@ -6,6 +6,7 @@ Tags (stable: site names only, no shapes or counters):
   deadwatch/saturated_fraction/<site>                               per site with a bounded activation
   deadwatch/dead_fraction/all, deadwatch/flagged_sites              whole run
   deadwatch/threshold/warn, deadwatch/threshold/critical            the configured lines
+  deadwatch/scale/full                                              a constant 1.0 (see layout())
   deadwatch/firing_rate/<site>                                      histogram over units
   deadwatch/heatmap, deadwatch/heatmap_dormant                      images: dead / dormant fraction,
                                                                     sites (rows) x report steps (columns)
@@ -14,135 +15,60 @@ Tags (stable: site names only, no shapes or counters):
 An idle site (no counted forward in the window) gets no dead_fraction point at that step, and
 dead_fraction/all none when every site is idle: not judged is not 0% dead.
 
-The heatmaps are matplotlib figures (site names on the rows, report steps on the columns, a colour bar)
-when matplotlib is installed (`pip install "deadwatch[plots]"`), else raw images of coloured cells under the
+The custom-scalars layout (written with the first report, when the sites are known) has a chart per figure
+with every site, and a chart per site. The heatmaps (colours: see heatmap.py) are matplotlib figures (site
+names on the rows, report steps on the columns, a colour bar) when matplotlib is installed (`pip install "deadwatch[plots]"`), else raw images of coloured cells under the
 same tags. The figures are made without pyplot, each on its own Agg canvas (add_figure's plt.close is a
 no-op for them), so a notebook's or script's own matplotlib backend and open figures are left alone.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import re
 
 import numpy as np
 import torch
 from tensorboard.plugins.text.summary_v2 import text_pb
 
-from ..analysis import IDLE, NONFINITE, Report
+from ..analysis import IDLE, Report
 from ..config import Config
+from .heatmap import (DEFAULT_BANDS, FIELDS, HEATMAP_COLUMNS, IDLE_RGB, MAX_LABELLED_ROWS, MAX_X_TICKS,  # noqa: F401
+                      NONFINITE_RGB, bands, cells, colour, figure, grid, heat, plotting_available)
+from .scalars import scalars
 from .console import certified_lines, count_cell, dead_cell, died_text, flag_lines, has_verdicts, headline, percent
 
-HEATMAP_COLUMNS = 200   # reports kept in the heatmap (the latest)
 CELL_H, CELL_W = 12, 6  # pixels per site row and per report column
-NONFINITE_RGB = (1.0, 0.0, 1.0)   # magenta
-IDLE_RGB = (0.25, 0.3, 0.4)       # slate grey: blue above red, which the dead-fraction scale never has
 HEATMAPS = {"deadwatch/heatmap": "dead_fraction", "deadwatch/heatmap_dormant": "dormant_fraction"}  # tag: field
-LABELS = {"dead_fraction": "dead fraction", "dormant_fraction": "dormant fraction"}
-MAX_X_TICKS = 10        # report steps labelled under a figure heatmap, fewer when they would not fit
-MAX_LABELLED_ROWS = 60  # beyond this many sites, every k-th site is named (the text summary names them all)
+LABELS = FIELDS
 
 
-def layout(config: Config) -> dict:
-    """The custom-scalars layout: every site's dead fraction in one chart, zero fractions in another."""
-    return {"deadwatch": {
+def layout(config: Config, sites: list[str] = ()) -> dict:
+    """The custom-scalars layout: every site's dead (dormant, saturated, zero) fraction in one chart each, then
+    one chart per site (its dead, dormant and saturated fractions with the thresholds), so that a line is told
+    from another by the chart's title. TensorBoard's default y range ignores outliers: it ends a fifth above
+    the 95% quantile of the chart's points, which cuts off a site at 90% dead among sites at 0, or a late
+    spike. The constant deadwatch/scale/full line (1.0) in these charts is a large enough share of a
+    site's chart to hold that quantile at 100%, so every line shows whole, on a 0-100% scale."""
+    full = r"deadwatch/scale/full"
+    overview = {
         "dead fraction per site (with warn/critical thresholds)":
-            ["Multiline", [r"deadwatch/dead_fraction/.*", r"deadwatch/threshold/.*"]],
+            ["Multiline", [r"deadwatch/dead_fraction/.*", r"deadwatch/threshold/.*", full]],
         "dormant fraction per site (with the warn threshold)":
-            ["Multiline", [r"deadwatch/dormant_fraction/.*", r"deadwatch/threshold/warn"]],
+            ["Multiline", [r"deadwatch/dormant_fraction/.*", r"deadwatch/threshold/warn", full]],
         "saturated fraction per site (with the warn threshold)":
-            ["Multiline", [r"deadwatch/saturated_fraction/.*", r"deadwatch/threshold/warn"]],
+            ["Multiline", [r"deadwatch/saturated_fraction/.*", r"deadwatch/threshold/warn", full]],
         "zero fraction per site": ["Multiline", [r"deadwatch/zero_fraction/.*"]],
-    }}
+    }
+    per_site = {f"{site}: dead, dormant, saturated fraction":
+                ["Multiline", [rf"deadwatch/(dead|dormant|saturated)_fraction/{re.escape(site)}$",
+                               r"deadwatch/threshold/.*", full]] for site in sites}
+    return {"deadwatch": overview, **({"deadwatch per site": per_site} if per_site else {})}
 
 
-def colour(values: np.ndarray) -> np.ndarray:
-    """RGB in [0, 1]: black -> red -> yellow -> white as the dead fraction goes 0 -> 1 (sqrt scale, so 1% shows);
-    magenta for NaN (a nonfinite site), slate grey for -inf (an idle site, not judged)."""
-    v = np.sqrt(np.clip(np.nan_to_num(values, nan=0.0, neginf=0.0), 0.0, 1.0))
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)])
-    rgb[:, np.isnan(values)] = np.array(NONFINITE_RGB)[:, None]
-    rgb[:, np.isneginf(values)] = np.array(IDLE_RGB)[:, None]
-    return rgb
-
-
-# black -> red -> yellow -> white, as colour() draws it, sampled for matplotlib
-_SCALE = colour(np.linspace(0.0, 1.0, 256) ** 2).T
-
-
-def heat(report: Report, field: str = "dead_fraction") -> dict[str, float]:
-    """One heatmap column: each site's `field` (dead_fraction or dormant_fraction), NaN when nonfinite, -inf
-    when idle (or, for dormant, when the site ran no counted forward in the interval)."""
-    def value(layer: Any) -> float:
-        v = getattr(layer, field)
-        return math.nan if layer.status == NONFINITE else -math.inf if layer.status == IDLE or v is None else v
-    return {layer.name: value(layer) for layer in report.layers}
-
-
-def grid(history: list[dict[str, float]], sites: list[str]) -> np.ndarray:
-    """Sites x reports; a site absent from a report (not yet run) is idle (-inf)."""
-    return np.array([[column.get(site, -math.inf) for column in history] for site in sites],
-                    dtype=np.float64).reshape(len(sites), len(history))
-
-
-def heatmap(history: list[dict[str, float]], sites: list[str]) -> torch.Tensor:
+def heatmap(history: list[dict[str, float]], sites: list[str], band: tuple[float, float] = DEFAULT_BANDS) -> torch.Tensor:
     """The fallback without matplotlib, a CHW image: one row of CELL_H pixels per site, one column of CELL_W
     per report (the latest HEATMAP_COLUMNS); no labels (the text summary gives the row order)."""
-    img = colour(grid(history, sites)).repeat(CELL_H, axis=1).repeat(CELL_W, axis=2)
-    return torch.from_numpy(img.astype(np.float32))
-
-
-def plotting_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def figure(history: list[dict[str, float]], sites: list[str], steps: list[int], label: str = "dead fraction") -> Any:
-    """A matplotlib Figure (on its own Agg canvas): site names on the rows (in report order), report steps on
-    the columns, a colour bar for `label` on the same black -> red -> yellow -> white square-root scale as
-    the fallback image; idle and nonfinite cells in slate grey and magenta, named in a legend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap, PowerNorm
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    values = grid(history, sites)
-    rows, cols = values.shape
-    finite = np.isfinite(values)
-    # laid out in inches: site names | cells | colour bar and its label; title and legend above, steps below
-    names = min(0.2 + 0.06 * max((len(site) for site in sites), default=4), 4.0)
-    cells_w, cells_h = max(3.0, min(0.03 * cols, 6.0)), max(1.2, 0.15 * min(rows, MAX_LABELLED_ROWS))
-    width, height = names + cells_w + 1.15, 0.35 + cells_h + 0.6
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((names / width, 0.6 / height, cells_w / width, cells_h / height))
-    bar_ax = fig.add_axes(((names + cells_w + 0.12) / width, 0.6 / height, 0.14 / width, cells_h / height))
-    extent = (-0.5, cols - 0.5, rows - 0.5, -0.5)
-    cmap = ListedColormap(_SCALE).with_extremes(bad=(0, 0, 0, 0))
-    image = ax.imshow(np.ma.masked_array(values, mask=~finite), cmap=cmap, norm=PowerNorm(0.5, vmin=0.0, vmax=1.0),
-                      aspect="auto", interpolation="nearest", extent=extent)
-    # not judged: a second layer over the masked cells, 0 idle, 1 nonfinite
-    marks = np.ma.masked_array(np.isnan(values).astype(np.float64), mask=finite)
-    ax.imshow(marks, cmap=ListedColormap([IDLE_RGB, NONFINITE_RGB]), vmin=0, vmax=1, aspect="auto",
-              interpolation="nearest", extent=extent)
-    every = max(1, math.ceil(rows / MAX_LABELLED_ROWS))
-    ax.set_yticks(range(0, rows, every), [sites[r] for r in range(0, rows, every)], fontsize=7)
-    fit = int(cells_w / (0.07 * len(str(max(steps, default=0))) + 0.25))   # labels that fit side by side
-    ticks = sorted(set(np.linspace(0, cols - 1, min(cols, MAX_X_TICKS, fit)).round().astype(int).tolist())) if cols else []
-    ax.set_xticks(ticks, [str(steps[c]) for c in ticks], fontsize=8)
-    ax.set_xlabel("report step", fontsize=8)
-    ax.set_title(label, fontsize=9, loc="left")
-    bar = fig.colorbar(image, cax=bar_ax, ticks=[0, 0.05, 0.25, 0.5, 1.0])
-    bar.ax.tick_params(labelsize=7)
-    bar.set_label(f"{label} (sqrt scale)", fontsize=8)
-    fig.legend(handles=[Patch(color=IDLE_RGB, label="idle / not run yet"), Patch(color=NONFINITE_RGB, label="nonfinite")],
-               loc="upper right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False, borderaxespad=0.3,
-               handlelength=1.2, columnspacing=1.0)
-    return fig
+    return torch.from_numpy(cells(history, sites, CELL_H, CELL_W, band).astype(np.float32))
 
 
 def markdown(report: Report) -> str:
@@ -213,7 +139,7 @@ class TensorBoardReporter:
         self.config = config
         self.writer = SummaryWriter(log_dir=logdir)
         self.kept = _keep_errors(self.writer)
-        self.writer.add_custom_scalars(layout(config))
+        self.laid_out = False          # the custom-scalars layout, written at the first report
         self.plots = plotting_available()
         self.history: dict[str, list[dict[str, float]]] = {tag: [] for tag in HEATMAPS}
         self.steps: list[int] = []
@@ -223,23 +149,18 @@ class TensorBoardReporter:
 
     def emit(self, report: Report) -> None:
         w, step = self.writer, report.step
+        if not self.laid_out:  # the first layout a run writes is the one TensorBoard shows: with the sites known
+            w.add_custom_scalars(layout(self.config, [layer.name for layer in report.layers]))
+            self.laid_out = True
+        for tag, value in scalars(report).items():
+            w.add_scalar(tag, value, step)
         for layer in report.layers:
-            if layer.dead_fraction is not None:   # idle: not judged, no point rather than a fake 0
-                w.add_scalar(f"deadwatch/dead_fraction/{layer.name}", layer.dead_fraction, step)
-            if layer.zero_fraction is not None:
-                w.add_scalar(f"deadwatch/zero_fraction/{layer.name}", layer.zero_fraction, step)
-            if layer.dormant_fraction is not None:
-                w.add_scalar(f"deadwatch/dormant_fraction/{layer.name}", layer.dormant_fraction, step)
-            if layer.bounds is not None and layer.saturated_fraction is not None:
-                w.add_scalar(f"deadwatch/saturated_fraction/{layer.name}", layer.saturated_fraction, step)
             if layer.firing_rate is not None and layer.firing_rate.size:
                 w.add_histogram(f"deadwatch/firing_rate/{layer.name}", np.asarray(layer.firing_rate), step,
                                 bins=np.linspace(0.0, 1.0, 21))
-        if not report.layers or any(layer.status != IDLE for layer in report.layers):
-            w.add_scalar("deadwatch/dead_fraction/all", report.dead_fraction, step)
-        w.add_scalar("deadwatch/flagged_sites", len(report.flagged), step)
         w.add_scalar("deadwatch/threshold/warn", self.config.warn, step)
         w.add_scalar("deadwatch/threshold/critical", self.config.critical, step)
+        w.add_scalar("deadwatch/scale/full", 1.0, step)
         for tag, field in HEATMAPS.items():
             self.history[tag] = (self.history[tag] + [heat(report, field)])[-HEATMAP_COLUMNS:]
         self.steps = (self.steps + [step])[-HEATMAP_COLUMNS:]
@@ -264,10 +185,10 @@ class TensorBoardReporter:
         step = self.steps[-1]
         for tag, field in HEATMAPS.items():
             if self.plots:
-                self.writer.add_figure(tag, figure(self.history[tag], self.sites, self.steps, LABELS[field]), step,
-                                       close=True)
+                self.writer.add_figure(tag, figure(self.history[tag], self.sites, self.steps, LABELS[field],
+                                                   bands(self.config, field)), step, close=True)
             else:
-                self.writer.add_image(tag, heatmap(self.history[tag], self.sites), step)
+                self.writer.add_image(tag, heatmap(self.history[tag], self.sites, bands(self.config, field)), step)
         self.drawn = step
 
     def close(self) -> None:
