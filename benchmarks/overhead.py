@@ -13,7 +13,9 @@ Every activation site is watched, the functional GELU included.
 Columns: sites watched; plain and watched medians; ratio = watched/plain and +ms a step; hooks =
 activation modules given a bare no-op forward hook and noop = that copy's time/plain, the floor any
 per-module hook pays (a functional activation has no module: the transformer's F.gelu is not in
-it); naive = a hand-written hook counting (out > 0) per unit in three passes, time/plain.
+it); naive = a hand-written hook counting (out > 0) per unit in three passes, time/plain; upd% = the
+update-size measurement's mean time per step (it runs on 2 steps of 20, which medians hide), as a
+percentage of the plain step.
 
 Models: `small`, a CNN on 8x8 digit-sized inputs (batch 64, steps of about 2 ms), where the fixed
 cost per step and per site shows most; `mobilenet` and `resnet18`, torchvision's MobileNetV3-small
@@ -333,14 +335,37 @@ def eager_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, arg
             return naive_step()
 
     with deadwatch.watch(twin, reporters=[]) as monitor:
+        timed = UpdateTimer(monitor, args.warmup)
         bare = Unpatched().wrap
         steps = [bare(make_step(model, x, y)), make_step(twin, x, y, monitor), bare(make_step(noop_twin, x, y)),
                  bare(naive_counted)]
         p, w, o, n = median_round(steps, args)
         sites = len(monitor.report().layers)
     print(f"{name:<12} {sites:>5} {1e3 * p:>9.2f} {1e3 * w:>10.2f} {w / p:>7.3f} {1e3 * (w - p):>7.2f} "
-          f"{hooked:>5} {o / p:>7.3f} {n / p:>7.3f}")
+          f"{hooked:>5} {o / p:>7.3f} {n / p:>7.3f} {100 * timed.mean() / p:>6.2f}")
     return w / p
+
+
+class UpdateTimer:
+    """The update-size measurement (large_update's evidence) timed where it runs, in monitor.step(): it
+    works on 2 steps of every 20 only, which a median of step times does not see, so its mean cost per
+    step is timed apart (upd%: that mean over the steps after the warm-up, as a share of the plain step;
+    the warm-up holds the one-time set-up)."""
+
+    def __init__(self, monitor, warmup: int) -> None:
+        self.times: list[float] = []
+        self.warmup = warmup
+        inner = monitor._updates.end_of_step
+
+        def end_of_step(step: int) -> None:
+            t0 = time.perf_counter()
+            inner(step)
+            self.times.append(time.perf_counter() - t0)
+        monitor._updates.end_of_step = end_of_step
+
+    def mean(self) -> float:
+        timed = self.times[self.warmup:]
+        return sum(timed) / max(len(timed), 1)
 
 
 def graph_breaks() -> tuple[int, str]:
@@ -407,7 +432,7 @@ def main() -> None:
           f"(median round of {args.rounds})"
           + (f"; * compiled, fullgraph={not args.no_fullgraph}" if args.compile else ""))
     print(f"{'model':<12} {'sites':>5} {'plain ms':>9} {'watched ms':>10} {'ratio':>7} {'+ms':>7} "
-          f"{'hooks':>5} {'noop':>7} {'naive':>7}")
+          f"{'hooks':>5} {'noop':>7} {'naive':>7} {'upd%':>6}")
     ratios = []
     for name in names:
         model, x, y = loads[name]()

@@ -170,6 +170,7 @@ class Monitor:
             self._recycler = Recycler(self._capture, self._sitemap)
         result = self._recycler.run(report, optimizer, sites, units, self.steps, max_fraction)
         if result:
+            self._updates.forget()  # new rows are no optimizer update: not a large_update
             for reporter in list(self._reporters):
                 told = getattr(reporter, "recycled", None)  # optional: reporters without it are not told
                 if callable(told):

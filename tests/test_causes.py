@@ -491,6 +491,65 @@ def test_update_sizes_of_a_big_weight_use_a_fixed_sample_and_leave_the_global_rn
     assert sizes.of("big.weight")[1] == pytest.approx([0.5], rel=1e-5)
 
 
+def test_a_sampled_ratio_matches_the_whole_weights_for_a_dense_update():
+    """The sample is what keeps the measurement cheap on big layers; it must still read a dense update's
+    size: Adam's and SGD's steps touch every value."""
+    from deadwatch import updates
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(1024, 1024)           # 1M values, 256x the sample
+    assert layer.weight.numel() > 100 * updates.SAMPLE
+    sizes = updates.UpdateSizes(every=1)
+    sizes.track([("big.weight", layer, "weight")])
+    sizes.end_of_step(1)
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(torch.randn(1024, 1024, generator=g) * 1e-3 * torch.rand(1024, 1, generator=g))
+    sizes.end_of_step(2)
+    whole = float((layer.weight.detach() - before).norm() / before.norm())
+    # 200 such trials (other seeds): median error 1%, largest 4.6%
+    assert sizes.of("big.weight")[1] == pytest.approx([whole], rel=0.05)
+
+
+def test_update_sizes_of_weights_of_several_dtypes_and_sizes_are_each_their_own():
+    """One tracker, weights of three dtypes and sizes (float64 and bfloat16 small, float32 sampled): each
+    ratio is its own weight's, whatever the group it is measured with."""
+    from deadwatch import updates
+    layers = {"a": nn.Linear(30, 20).double(), "b": nn.Linear(40, 10).bfloat16(), "c": nn.Linear(300, 300),
+              "d": nn.Linear(5, 5)}
+    sizes = updates.UpdateSizes(every=1)
+    sizes.track([(f"{name}.weight", layer, "weight") for name, layer in layers.items()])
+    sizes.end_of_step(1)
+    factors = {"a": 1.5, "b": 1.25, "c": 1.125, "d": 3.0}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.weight.mul_(factors[name])
+    sizes.end_of_step(2)
+    for name, factor in factors.items():
+        assert sizes.of(f"{name}.weight") == ([(2, 2)], pytest.approx([factor - 1], rel=1e-2 if name == "b" else 1e-5))
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_a_weight_that_changes_between_copy_and_measure_skips_that_measurement(change):
+    """A layer pruned (new shape) or cast (new dtype) while watched: the copies taken before no longer fit;
+    that update is not measured (no crash in monitor.step()), the next ones are, right."""
+    from deadwatch import updates
+    layer = nn.Linear(30, 20)
+    sizes = updates.UpdateSizes(every=1)
+    sizes.track([("fc.weight", layer, "weight")])
+    sizes.end_of_step(1)
+    with torch.no_grad():
+        if change == "shape":
+            layer.weight = nn.Parameter(layer.weight[:10].clone())
+        else:
+            layer.double()
+    sizes.end_of_step(2)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    sizes.end_of_step(3)
+    assert sizes.of("fc.weight") == ([(3, 3)], pytest.approx([0.5], rel=1e-5))
+
+
 def test_update_history_merges_neighbours_keeping_the_largest_when_full():
     from deadwatch import updates
     layer = nn.Linear(4, 4)

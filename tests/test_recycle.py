@@ -728,3 +728,19 @@ def test_what_the_ranks_do_not_agree_on_is_skipped_on_every_rank(x, monkeypatch)
         "deadwatch: recycle: site '3' skipped: it has not run there",
         "deadwatch: recycle: site 'ghost' skipped: it has not run in this process"]
     assert all(torch.equal(p, weights[n]) for n, p in net.named_parameters())
+
+
+def test_a_recycling_is_not_measured_as_an_optimizer_update(x, monkeypatch):
+    """The large_update evidence is the optimizer's step (||dW||/||W||): new rows drawn by a recycling
+    between the copy and the measurement must not read as a huge update."""
+    from deadwatch import updates
+    monkeypatch.setattr(updates, "EVERY", 1)  # copy and measure at every step
+    net = planted_mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # the optimizer moves nothing: every ratio is 0
+    with deadwatch.watch(net, reporters=[], report_every=1000, optimizer=opt) as monitor:
+        train(net, monitor, opt, 4, x)
+        assert monitor.recycle()                      # between step 4's copies and step 5's measurement
+        train(net, monitor, opt, 3, x)
+        spans, ratios = monitor._updates.of("0.weight")
+    assert ratios and max(ratios) == 0.0
+    assert (4, 4) in spans and (5, 5) not in spans and (6, 6) in spans
