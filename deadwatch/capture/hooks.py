@@ -27,6 +27,7 @@ from .axis import unit_axis
 from .functions import PATCH
 
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every module of every watched model
+PRUNE_AFTER = 2  # steps with every boundary hooked before the unneeded ones go (Capture._prune)
 
 
 class SiteKey(NamedTuple):
@@ -67,6 +68,17 @@ class Capture:
         self.sitemap: Any = None
         self.thresholds: dict[int, float] = {}        # id(activation module) -> its output at 0
         self.handles: list[Any] = []
+        # Boundaries: the pre/forward hooks that tell where a forward starts (its calls are numbered from
+        # there) and, in traced code, which module owns a function call (the stack). Every module that may
+        # call activations has them for the first PRUNE_AFTER steps; then only those a numbering needs keep
+        # them (see _prune): each hooked module call costs about what a no-op hook does.
+        self.boundaries: dict[int, tuple[str, list[Any]]] = {}  # id(module) -> (path, its two handles)
+        self.entries: set[int] = set()     # modules the loop called outside any forward: forwards start there
+        self.owners: set[int] = set()      # modules that called an activation function
+        self.pruned = False                # only the boundaries a numbering needs are hooked
+        self.keep_all = False              # never prune (a loop that calls activations itself; a surprise)
+        self.surprised = False             # pruned, and a call came where the kept hooks did not expect it
+        self.traced = False                # a compiled graph traced the hooks: they stay as traced
         self.swapped: list[tuple[dict, str, Any]] = []  # (namespace dict, name, original value)
         self.multi_call: set[str] = set()  # module paths called more than once per forward
         self.published: dict[SiteKey, str] = {}  # names once reported: a site keeps its name for the run
@@ -93,8 +105,7 @@ class Capture:
                 elif module is self.model or _may_call_activations(module):
                     # A forward starts when the loop calls any of these, not only the root: a Lightning
                     # training_step calls self.net(x), a VAE loop model.encoder(x).
-                    self.handles.append(module.register_forward_pre_hook(self._enter))
-                    self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+                    self._hook_boundary(path, module)
             if self.functions:
                 PATCH.attach(self)
                 self.swapped = PATCH.swap_stored(self.model, self.config.extra_classes)
@@ -113,6 +124,10 @@ class Capture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for _, handles in self.boundaries.values():
+            for handle in handles:
+                handle.remove()
+        self.boundaries.clear()
         PATCH.detach(self)
         compiled.EAGER.want(self, False)
         self.depth = 0
@@ -123,7 +138,50 @@ class Capture:
         if self.sitemap is not None:
             self.sitemap.forward_done(None)  # sites found in a forward that never returned: no references kept
 
+    def _hook_boundary(self, path: str, module: nn.Module) -> None:
+        self.boundaries[id(module)] = (path, [module.register_forward_pre_hook(self._enter),
+                                              module.register_forward_hook(self._leave, always_call=True)])
+
+    def _prune(self, step: int) -> None:
+        """Between steps: after PRUNE_AFTER steps with every boundary hooked, keep only those the numbering
+        of calls needs. Calls are numbered per forward, from where it starts; a call outside any hooked
+        module starts a forward of its own and is call 0. So the hooks stay on the model itself, on every
+        module the loop entered (entries), on every module that called an activation function (owners: a
+        traced graph finds them on the stack), and on the ancestors of every module whose calls are
+        numbered past 0 in one forward (a module called twice, an owner calling a function twice):
+        whatever module a later loop enters, a call it makes outside the kept hooks is then the only call
+        of its site in that forward, numbered 0 as with every hook in place. A call the kept hooks did
+        not foresee (an activation or a new owner outside any hooked module) hooks every module again,
+        for good, from the next step."""
+        if self.surprised:
+            self.surprised, self.pruned, self.keep_all = False, False, True
+            for path, module in self.model.named_modules():
+                if id(module) not in self.boundaries and not self.paths[id(module)][1] and \
+                        (module is self.model or _may_call_activations(module)):
+                    self._hook_boundary(path, module)
+            return
+        if self.pruned or self.keep_all or self.traced or self.depth or step < PRUNE_AFTER:
+            return
+        numbered = {key.path for key in self.sites if key.call} | self.multi_call
+        kept = self.entries | self.owners | {id(self.model)}
+        for key, (path, handles) in list(self.boundaries.items()):
+            if key in kept or not path or any(p == path or p.startswith(path + ".") for p in numbered):
+                continue
+            for handle in handles:
+                handle.remove()
+            del self.boundaries[key]
+        self.pruned = True
+
+    def _unforeseen(self) -> None:
+        """An activation ran outside any hooked module (eager): before pruning, the loop calls activations
+        itself, so every boundary stays; after, hook them all again (see _prune)."""
+        if self.pruned:
+            self.surprised = True
+        else:
+            self.keep_all = True
+
     def new_step(self, step: int) -> None:
+        self._prune(step)
         self.calls.clear()
         if self.sitemap is not None and self.sitemap.pending:
             self.sitemap.forward_done(None)  # found outside any forward of the model (a loop's F.relu)
@@ -156,6 +214,8 @@ class Capture:
             self.resolve()
         if self.depth == 0 and (torch.compiler.is_dynamo_compiling() or not _in_backward()):
             self.calls.clear()
+            if not self.pruned and not torch.compiler.is_dynamo_compiling():
+                self.entries.add(id(module))
         self.depth += 1
         self.stack.append(module)
 
@@ -176,6 +236,7 @@ class Capture:
         activation module (nn.ReLU.forward calls F.relu), which only the module's hook, next, can tell: so
         it waits for the next hook, which drops it if it returns the same tensor (see compiled.py)."""
         self.resolve()
+        self.traced = True
         self.held.append((fn_name, out, module, args, kwargs))
 
     def resolve(self, returned: Any = None) -> None:
@@ -209,6 +270,8 @@ class Capture:
                 self.sitemap.recomputed((path, None), out)  # a reentrant checkpoint's graph, for the map
             return
         if self.depth == 0:  # called by the loop itself, outside any forward of the model: a forward of its own
+            if not compiling:
+                self._unforeseen()
             self.calls.clear()
         key = id(module)
         call = self.calls.get(key, 0)
@@ -232,6 +295,7 @@ class Capture:
     def _traced(self, key: SiteKey, site: stats.Site | None | bool, out: torch.Tensor) -> None:
         """A site's output met in a compiled graph: recorded when the module running it returns (see
         compiled.py); a site not found yet is found by an eager step."""
+        self.traced = True
         if site is False:
             self.unseen[key] = True
         elif site is not None:
@@ -245,7 +309,13 @@ class Capture:
                     isinstance(out, torch.Tensor):
                 self.sitemap.recomputed((self.paths[id(module)][0], fn_name), out)  # as in _on_module
             return
+        if not compiling and id(module) not in self.owners:
+            self.owners.add(id(module))
+            if self.pruned and id(module) not in self.boundaries:
+                self.surprised = True  # a new owner: a traced graph would not find it on the stack
         if self.depth == 0:  # e.g. F.relu in a LightningModule's training_step: a forward of its own
+            if not compiling:
+                self._unforeseen()
             self.calls.clear()
         key = (id(module), fn_name)
         call = self.calls.get(key, 0)
