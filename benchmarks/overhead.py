@@ -10,6 +10,7 @@ Every activation site is watched, the functional GELU included.
     python benchmarks/overhead.py --models mobilenet,convnext,vit --steps 100
     python benchmarks/overhead.py --compile [--models mha] [--no-fullgraph]
     python benchmarks/overhead.py --update-every 0     # without the update-size measurements (large_update)
+    python benchmarks/overhead.py --boundaries --models vit,convnext,mobilenet   # pruned boundary hooks' saving
 
 Columns: sites watched; plain and watched medians; ratio = watched/plain and +ms a step; hooks =
 activation modules given a bare no-op forward hook and noop = that copy's time/plain, the floor any
@@ -557,6 +558,28 @@ class UpdateTimer:
         return sum(timed) / max(len(timed), 1)
 
 
+def boundaries_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
+    """--boundaries: two watched copies, one with its boundary hooks pruned after two steps (the default), one
+    keeping every module hooked; their forwards (where hooks run) timed interleaved under no_grad."""
+    twin = copy.deepcopy(model)
+    with deadwatch.watch(model, reporters=[]) as pruned, deadwatch.watch(twin, reporters=[]) as full:
+        full._capture.keep_all = True
+        for _ in range(3):
+            make_step(model, x, y, pruned)()
+            make_step(twin, x, y, full)()
+
+        def forward(m: nn.Module) -> Callable[[], float]:
+            def run() -> float:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    m(x)
+                return time.perf_counter() - t0
+            return run
+        p, f = median_round([forward(model), forward(twin)], args)
+        print(f"{name:<12} hooked modules {len(pruned._capture.boundaries):>3} pruned, {len(full._capture.boundaries):>3} "
+              f"all; forward {1e3 * p:.2f} ms against {1e3 * f:.2f} ms: {1e3 * (f - p):.2f} ms saved", flush=True)
+
+
 def graph_breaks() -> tuple[int, str]:
     breaks = torch._dynamo.utils.counters["graph_break"]
     return sum(breaks.values()), (next(iter(breaks)).splitlines()[0][:100] if breaks else "")
@@ -609,6 +632,8 @@ def main() -> None:
     ap.add_argument("--no-fullgraph", action="store_true", help="with --compile: allow graph breaks")
     ap.add_argument("--update-every", type=int, help="measure ||dW||/||W|| of the producer layers every N-th step "
                     f"(default {deadwatch.updates.EVERY}; 0: never), to time that cost apart")
+    ap.add_argument("--boundaries", action="store_true", help="time forwards with the boundary hooks pruned "
+                    "(the default after two steps) against every module hooked, instead of the table")
     args = ap.parse_args()
     if args.update_every is not None:
         deadwatch.updates.EVERY = args.update_every
@@ -618,6 +643,10 @@ def main() -> None:
     unknown = [n for n in names if n not in loads]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(loads)}")
+    if args.boundaries:
+        for name in names:
+            boundaries_row(name, *loads[name](), args)
+        return
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} interleaved steps each, medians "
           f"(median round of {args.rounds})"
           + (f"; * compiled, fullgraph={not args.no_fullgraph}" if args.compile else ""))

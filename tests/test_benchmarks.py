@@ -28,3 +28,9 @@ def test_overhead_script_runs():
     done = run("benchmarks/overhead.py", "--models", "small", "--steps", "4", "--warmup", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "small" in done.stdout and "worst watched/plain" in done.stdout, done.stdout
+
+
+def test_overhead_script_times_the_pruned_boundaries():
+    done = run("benchmarks/overhead.py", "--boundaries", "--models", "cnn", "--steps", "2", "--warmup", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hooked modules   5 pruned,   6 all" in done.stdout, done.stdout  # the ReLU called twice keeps its block
