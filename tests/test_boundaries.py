@@ -152,7 +152,9 @@ def test_modules_the_loop_enters_keep_their_hooks(monkeypatch):
 
 
 def test_a_model_compiled_after_pruning_counts_its_function_sites():
-    """Traced code finds a function's owner on the stack of hooked modules: owners keep their hooks."""
+    """Traced code finds a function's owner on the stack of hooked modules: owners keep their hooks. Once a
+    graph has traced the pruned hooks, every module is hooked again (the next graph records each output
+    when its own module returns, as a model compiled from the start does)."""
     net = planted()
     g = torch.Generator().manual_seed(2)
     with deadwatch.watch(net, reporters=[], count_subsample=1, report_every=1000) as monitor:
@@ -165,6 +167,7 @@ def test_a_model_compiled_after_pruning_counts_its_function_sites():
             compiled(torch.randn(5, 8, generator=g))
             monitor.step()
         report = monitor.report()
+        assert not monitor._capture.pruned and boundaries(monitor) == 8   # every hook back for the graphs
     assert report.layer("tail.relu#0").observations == 6 * 5
     assert report.layer("blocks.1.gelu#1").observations == 6 * 5
 

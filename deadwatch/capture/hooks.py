@@ -151,9 +151,11 @@ class Capture:
         numbered past 0 in one forward (a module called twice, an owner calling a function twice):
         whatever module a later loop enters, a call it makes outside the kept hooks is then the only call
         of its site in that forward, numbered 0 as with every hook in place. A call the kept hooks did
-        not foresee (an activation or a new owner outside any hooked module) hooks every module again,
-        for good, from the next step."""
-        if self.surprised:
+        not foresee (an activation or a new owner outside any hooked module), or a compiled graph traced
+        on the pruned hooks, hooks every module again, for good, from the next step (a compiled model
+        then compiles once more)."""
+        if self.surprised or (self.pruned and self.traced):  # a graph traced on the pruned hooks would keep
+            # every activation until the model's forward returns (compiled.record runs at the next hook)
             self.surprised, self.pruned, self.keep_all = False, False, True
             for path, module in self.model.named_modules():
                 if id(module) not in self.boundaries and not self.paths[id(module)][1] and \
