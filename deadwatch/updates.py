@@ -13,8 +13,9 @@ Cost, on 2 steps of every EVERY only (the others return at once): a copy of at m
 layer (one gather per big layer, one foreach copy for the others), then one subtraction and one norm
 op over the copies of all layers of a device and dtype. benchmarks/overhead.py's upd% column times it
 where it runs. A random sample of 4096 values reads a dense update's ratio within 5% of the whole
-weight's (200 trials with per-unit update sizes spread uniformly: median error 1%, largest 4.6%). No optimizer is needed: the update
-is whatever changed the weights between two steps; a recycling in between (forget()) is not one.
+weight's (200 trials with per-unit update sizes spread uniformly: median error 1%, largest 4.6%). No
+optimizer is needed: the update is whatever changed the weights between two steps; a recycling in
+between (forget()) is not one.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ class _Group:
         self.index: list[torch.Tensor | None] = []  # the sampled positions of big weights
         self.views: list[list[torch.Tensor]] = []   # [into][k]: weight k's slots in buffer[into]
         self.buffer: torch.Tensor | None = None     # the copies, from a copy step to the next measurement
-        self.pair: tuple[torch.Tensor, torch.Tensor] | None = None  # buffer[NOW], buffer[BEFORE]
         self.before = False                         # buffer[BEFORE] holds copies for the next measure
 
     def add(self, layer: nn.Module, attr: str, seed: int) -> None:
@@ -80,7 +80,7 @@ class _Group:
 
     def drop(self) -> None:
         """No copies held: the buffer lives from the copy to the measurement only (one step in EVERY)."""
-        self.buffer, self.pair, self.views, self.before = None, None, [], False
+        self.buffer, self.views, self.before = None, [], False
 
     def copy(self, into: int) -> bool:
         """The weights' values (or samples) now, into buffer[into]: a gather per big weight, one foreach
@@ -94,7 +94,6 @@ class _Group:
         if self.buffer is None:
             width = max(min(w.numel(), SAMPLE) for w in weights)
             self.buffer = torch.zeros(2, len(weights), width, dtype=weights[0].dtype, device=weights[0].device)
-            self.pair = (self.buffer[NOW], self.buffer[BEFORE])
             self.views = [[self.buffer[k, j, :w.numel()].view(w.shape) if i is None else self.buffer[k, j, :SAMPLE]
                            for j, (w, i) in enumerate(zip(weights, self.index))] for k in range(2)]
         views, small, into_small = self.views[into], [], []
@@ -112,8 +111,7 @@ class _Group:
         """This step's update against the copies the step before took: norms into history[row]; the copies
         are dropped."""
         if self.copy(NOW):
-            now, before = self.pair
-            now.sub_(before)
+            self.buffer[NOW].sub_(self.buffer[BEFORE])
             torch.linalg.vector_norm(self.buffer, dim=2, dtype=self.history.dtype, out=self.history[row])
         self.drop()
 
@@ -140,10 +138,9 @@ class UpdateSizes:
             group.add(layer, attr, seed=len(self.names) + 1)  # copies of the old set are dropped
             self.where[name] = (group, len(group.params) - 1)
             self.names.append(name)
-        with torch.no_grad():
-            for group in self.devices.values():
-                if group.layout is None and group.params:  # laid out now: the state keeps one size from here on
-                    group.lay_out()
+        for group in self.devices.values():
+            if group.layout is None and group.params:  # laid out now: the state keeps one size from here on
+                group.lay_out()
 
     def end_of_step(self, step: int) -> None:
         """At the end of training step `step` (from 1): measure its update if the step before kept copies;

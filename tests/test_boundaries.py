@@ -1,6 +1,6 @@
 """Boundary hooks after the first steps (Capture._prune): only the modules a numbering of calls needs keep
 their pre/forward hooks, and every loop still maps its calls to the same sites with the same counts as with
-every module hooked. Each test runs a twin with pruning off (PRUNE_AFTER out of reach) and compares."""
+every module hooked. Each test runs a twin with pruning off and compares."""
 
 from __future__ import annotations
 
@@ -80,20 +80,17 @@ def boundaries(monitor) -> int:
     return len(monitor._capture.boundaries)
 
 
-def run(net, loop, steps, prune=True, monkeypatch=None):
-    """Run `loop(net, step, x)` for each step; the report and the monitor (closed)."""
-    if not prune:
-        monkeypatch.setattr(hooks, "PRUNE_AFTER", 10 ** 9)
+def run(net, loop, steps, prune=True):
+    """Run `loop(net, step, x)` for each step; the report and the boundary count after each step."""
     g = torch.Generator().manual_seed(1)
     hooked = []
     with deadwatch.watch(net, reporters=[], window=100, report_every=1000, count_subsample=1) as monitor:
+        monitor._capture.keep_all = not prune  # the twin: every boundary stays hooked
         for step in range(steps):
             loop(net, step, torch.randn(5, 8, generator=g))
             monitor.step()
             hooked.append(boundaries(monitor))
         report = monitor.report()
-    if not prune:
-        monkeypatch.setattr(hooks, "PRUNE_AFTER", 2)
     return report, hooked
 
 
@@ -105,11 +102,11 @@ def same(a, b):
         assert torch.equal(torch.as_tensor(x.firing_rate), torch.as_tensor(y.firing_rate)), x.name
 
 
-def compare(loop, steps, monkeypatch, make=None):
+def compare(loop, steps, make=None):
     net = (make or planted)()
     twin = copy.deepcopy(net)
     pruned, hooked = run(net, loop, steps)
-    full, full_hooked = run(twin, loop, steps, prune=False, monkeypatch=monkeypatch)
+    full, full_hooked = run(twin, loop, steps, prune=False)
     same(pruned, full)
     return pruned, hooked, full_hooked
 
@@ -118,8 +115,8 @@ def whole(net, step, x):
     net(x)
 
 
-def test_after_two_steps_only_the_needed_modules_keep_hooks(monkeypatch):
-    report, hooked, full = compare(whole, 5, monkeypatch)
+def test_after_two_steps_only_the_needed_modules_keep_hooks():
+    report, hooked, full = compare(whole, 5)
     assert report.layer("stem.0.act").dead_units == [1, 4]
     assert 2 in report.layer("blocks.0.relu#0").dead_units
     # the root, blocks and each block (its ReLU is called twice, it calls F.gelu twice), tail (it calls
@@ -128,7 +125,7 @@ def test_after_two_steps_only_the_needed_modules_keep_hooks(monkeypatch):
     assert hooked[0] == full[0] == 8 and hooked[1:] == [KEPT] * 4 and full == [8] * 5
 
 
-def test_a_loop_entering_a_block_directly_keeps_its_numbering(monkeypatch):
+def test_a_loop_entering_a_block_directly_keeps_its_numbering():
     """blocks.0's ReLU runs twice per forward: entering blocks.0 must still give #0 and #1."""
     def loop(net, step, x):
         if step < 2:
@@ -136,17 +133,17 @@ def test_a_loop_entering_a_block_directly_keeps_its_numbering(monkeypatch):
         else:
             for _ in range(2):                      # micro-batches through one block
                 net.blocks[0](x)
-    report, hooked, _ = compare(loop, 5, monkeypatch)
+    report, hooked, _ = compare(loop, 5)
     assert report.layer("blocks.0.relu#1").observations == 5 + 5 + 3 * 2 * 5
     assert hooked[-1] == KEPT                       # blocks.0 was kept: no surprise
 
 
-def test_modules_the_loop_enters_keep_their_hooks(monkeypatch):
+def test_modules_the_loop_enters_keep_their_hooks():
     """A loop that runs the stem, then the blocks (as a VAE loop runs encoder and decoder): both are
     entries, kept; nothing is a surprise."""
     def loop(net, step, x):
         net.tail(net.blocks(net.stem(x)))
-    report, hooked, full = compare(loop, 5, monkeypatch)
+    report, hooked, full = compare(loop, 5)
     assert hooked[1:] == [KEPT + 1] * 4 and full[-1] == 8   # + stem (blocks is kept anyway)
     assert report.layer("tail.relu#0").observations == 5 * 5
 
@@ -172,7 +169,7 @@ def test_a_model_compiled_after_pruning_counts_its_function_sites():
     assert report.layer("blocks.1.gelu#1").observations == 6 * 5
 
 
-def test_an_unforeseen_entry_counts_and_hooks_everything_again(monkeypatch):
+def test_an_unforeseen_entry_counts_and_hooks_everything_again():
     """stem lost its hooks; a loop entering it later counts its single-call site as call 0 and, from the
     next step, every module is hooked again."""
     def loop(net, step, x):
@@ -181,12 +178,12 @@ def test_an_unforeseen_entry_counts_and_hooks_everything_again(monkeypatch):
         else:
             net.stem(x)
             net.stem(x)
-    report, hooked, full = compare(loop, 6, monkeypatch)
+    report, hooked, full = compare(loop, 6)
     assert report.layer("stem.0.act").observations == 3 * 5 + 3 * 2 * 5
     assert hooked[1:3] == [KEPT] * 2 and hooked[3:] == [full[-1]] * 3
 
 
-def test_a_new_owner_after_pruning_hooks_everything_again(monkeypatch):
+def test_a_new_owner_after_pruning_hooks_everything_again():
     class Late(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -207,15 +204,15 @@ def test_a_new_owner_after_pruning_hooks_everything_again(monkeypatch):
     assert pruned.layer("blocks.1.late.relu#0").observations == 3 * 5
 
 
-def test_an_activation_called_by_the_loop_keeps_every_hook(monkeypatch):
+def test_an_activation_called_by_the_loop_keeps_every_hook():
     def loop(net, step, x):
         net(x)
         net.stem[1][1](x)                           # the loop calls an activation module itself
-    report, hooked, full = compare(loop, 4, monkeypatch)
+    report, hooked, full = compare(loop, 4)
     assert hooked == full
 
 
-def test_a_forward_that_changes_in_an_unforeseen_entry_is_a_known_limit(monkeypatch):
+def test_a_forward_that_changes_in_an_unforeseen_entry_is_a_known_limit():
     """Documented limit: a module first called twice per forward inside a module the loop had never
     entered, in the step that shows both, numbers both calls 0 (the twin with every hook: #0 and #1).
     The steps after are hooked whole again."""
@@ -240,6 +237,20 @@ def test_compiled_models_keep_every_hook():
             compiled(torch.randn(5, 8))
             monitor.step()
         assert boundaries(monitor) == before
+
+
+def test_a_compiled_model_is_never_pruned_at_any_step():
+    """Pruned, its graph would be traced on fewer hooks and then hooked whole again: one needless recompile."""
+    net = planted()
+    with deadwatch.watch(net, reporters=[]) as monitor:
+        before = boundaries(monitor)
+        compiled = torch.compile(net, backend="eager", fullgraph=True)
+        counts = []
+        for _ in range(4):
+            compiled(torch.randn(5, 8))
+            monitor.step()
+            counts.append(boundaries(monitor))
+    assert counts == [before] * 4
 
 
 @pytest.mark.parametrize("steps", [1, 2])
@@ -285,7 +296,7 @@ class Outer(nn.Module):
         return self.head(self.twice(x))
 
 
-def test_a_loop_entering_the_caller_of_a_twice_called_owner_keeps_its_numbering(monkeypatch):
+def test_a_loop_entering_the_caller_of_a_twice_called_owner_keeps_its_numbering():
     def loop(net, step, x):
         if step < 2:
             net(x)
@@ -294,5 +305,5 @@ def test_a_loop_entering_the_caller_of_a_twice_called_owner_keeps_its_numbering(
     def make():
         torch.manual_seed(0)
         return Outer()
-    report, hooked, _ = compare(loop, 4, monkeypatch, make)
+    report, hooked, _ = compare(loop, 4, make)
     assert report.layer("twice.inner.relu#1").observations == 4 * 5

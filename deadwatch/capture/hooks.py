@@ -102,9 +102,7 @@ class Capture:
                 if act:
                     self.thresholds[id(module)] = module_threshold(module)
                     self.handles.append(module.register_forward_hook(functools.partial(self._on_module, path)))
-                elif module is self.model or _may_call_activations(module):
-                    # A forward starts when the loop calls any of these, not only the root: a Lightning
-                    # training_step calls self.net(x), a VAE loop model.encoder(x).
+                elif self._is_boundary(module):
                     self._hook_boundary(path, module)
             if self.functions:
                 PATCH.attach(self)
@@ -138,6 +136,11 @@ class Capture:
         if self.sitemap is not None:
             self.sitemap.forward_done(None)  # sites found in a forward that never returned: no references kept
 
+    def _is_boundary(self, module: nn.Module) -> bool:
+        """A forward may start at this module: the loop calls any of these, not only the root (a Lightning
+        training_step calls self.net(x), a VAE loop model.encoder(x)). Activation modules are sites."""
+        return not self.paths[id(module)][1] and (module is self.model or _may_call_activations(module))
+
     def _hook_boundary(self, path: str, module: nn.Module) -> None:
         self.boundaries[id(module)] = (path, [module.register_forward_pre_hook(self._enter),
                                               module.register_forward_hook(self._leave, always_call=True)])
@@ -158,8 +161,7 @@ class Capture:
             # every activation until the model's forward returns (compiled.record runs at the next hook)
             self.surprised, self.pruned, self.keep_all = False, False, True
             for path, module in self.model.named_modules():
-                if id(module) not in self.boundaries and not self.paths[id(module)][1] and \
-                        (module is self.model or _may_call_activations(module)):
+                if id(module) not in self.boundaries and self._is_boundary(module):
                     self._hook_boundary(path, module)
             return
         if self.pruned or self.keep_all or self.traced or self.depth or step < PRUNE_AFTER:
