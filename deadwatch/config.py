@@ -55,6 +55,7 @@ class Config:
     recycle_max_fraction: float = 0.1  # at most this share of a site's units per recycling
     wandb: tuple[tuple[str, str | None], ...] = (("project", "deadwatch"), ("name", None))  # a run deadwatch starts
     mlflow: tuple[tuple[str, str | None], ...] = (("experiment", "deadwatch"), ("run_name", None))
+    fused: bool = True                # the fused statistics pass for CPU outputs (fused.py)
     activations_extra: tuple[str, ...] = ()  # dotted paths of more activation module classes
     extra_classes: tuple[type, ...] = field(default=(), compare=False)  # those classes, imported
     reporters_given: bool = field(default=False, compare=False)
@@ -71,6 +72,7 @@ class Config:
             "exclude": list(self.exclude),
             "count_eval": self.count_eval,
             "count_subsample": self.count_subsample,
+            "fused": self.fused,
             "watch_every": self.watch_every,
             "functions": list(self.functions),
             "unit_axis": dict(self.unit_axis),
@@ -273,8 +275,9 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         raise ConfigError(f"activations must be a mapping with extra, got {activations!r}")
     extra_paths = _names("activations.extra", activations["extra"], regex=False)
     extra = _classes(extra_paths)
-    if not isinstance(m["count_eval"], bool):
-        raise ConfigError(f"count_eval must be true or false, got {m['count_eval']!r}")
+    for key in ("count_eval", "fused"):
+        if not isinstance(m[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {m[key]!r}")
     axes = m["unit_axis"] or {}
     if not isinstance(axes, Mapping):
         raise ConfigError(f"unit_axis must be a mapping of site regex to dim, got {axes!r}")
@@ -295,6 +298,7 @@ def _validate(m: dict[str, Any], reporters_given: bool) -> Config:
         exclude=_names("exclude", m["exclude"]),
         count_eval=m["count_eval"],
         count_subsample=_int("count_subsample", m["count_subsample"]),
+        fused=m["fused"],
         watch_every=_int("watch_every", m["watch_every"]),
         functions=tuple(dict.fromkeys(_names("functions", m["functions"], FUNCTIONS))),
         unit_axis=tuple(axes.items()),

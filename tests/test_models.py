@@ -12,6 +12,7 @@ import copy
 import functools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,6 +167,44 @@ def test_conv1d_channels_first_seen_under_no_grad():
     steps = [Fwd((torch.randn(2, 4, 20),), train=False), torch.randn(2, 4, 20), torch.randn(2, 4, 20)]
     compare(m, steps, lambda t: {"a1": Probe(t.a1), "a2": Probe(t.a2)}, window=WINDOW, count_eval=True,
             count_subsample=1)
+
+
+
+class MixedCNN(nn.Module):
+    """Channels of a ReLU, a GELU and a Hardsigmoid; 1x1 maps last (where a channels-last and a contiguous
+    tensor have the same strides)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.c2, self.gelu = nn.Conv2d(8, 6, 3), nn.GELU()
+        self.c3, self.gate = nn.Conv2d(6, 5, 5), nn.Hardsigmoid()
+        plant_dead(self.c1.bias, [3])
+        plant_dead(self.c2.bias, [1])
+
+    def forward(self, x):
+        return self.gate(self.c3(self.gelu(self.c2(self.relu(self.c1(x)))))).flatten(1)
+
+
+def mixed_probes(m):
+    return {"relu": Probe(m.relu), "gelu": Probe(m.gelu), "gate": Probe(m.gate, threshold=0.5)}
+
+
+def test_channels_last_maps_are_counted_exactly():
+    """A channels-last map keeps its units innermost in memory; record() reduces it in one pass there (a split
+    reduction reads it far slower). The counts stay the reference's, and match the contiguous model's."""
+    m = MixedCNN().to(memory_format=torch.channels_last)
+    steps = [x.to(memory_format=torch.channels_last) for x in batches(4, 16, 3, 7, 7)]
+    assert m(steps[0]).shape == (16, 5) and m.relu(m.c1(steps[0])).stride(1) == 1  # really channels-last
+    compare(m, steps, mixed_probes, window=WINDOW, count_subsample=1)
+    contiguous = MixedCNN()
+    contiguous.load_state_dict(m.state_dict())
+    a = run_watch(m, steps, window=WINDOW)  # subsampled counts, |output| sums and near-a-bound counts
+    b = run_watch(contiguous, [x.contiguous() for x in steps], window=WINDOW)
+    for x, y in zip(a.layers, b.layers):
+        assert (x.name, x.dead_units, x.observations, x.zero_fraction) == (y.name, y.dead_units, y.observations, y.zero_fraction)
+        assert (x.dormant_units, x.saturated_units, x.rare_units) == (y.dormant_units, y.saturated_units, y.rare_units)
+        assert np.array_equal(x.firing_rate, y.firing_rate)
 
 
 # ---- (N, T, C) transformer block: units on the last dim ----------------------------------------

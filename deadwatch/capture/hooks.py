@@ -357,7 +357,7 @@ class Capture:
         if self._wanted(names) and out.is_floating_point() and out.ndim >= 2:
             nonnegative = threshold == 0 and kind.lower() in NONNEGATIVE
             site = stats.Site(names[-1], kind, threshold, nonnegative, self.step(), self.config.count_subsample,
-                              bounds, self.config.saturation_eps)
+                              bounds, self.config.saturation_eps, self.config.fused)
             self.registry.add(site, out, unit_axis(out, names, self.config, context, module))
             self._restore(site, names)
             if self.sitemap is not None:
