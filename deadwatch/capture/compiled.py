@@ -53,15 +53,33 @@ def record(site: stats.Site, out: torch.Tensor, mask: torch.Tensor | None) -> No
     sl = site.slice
     v = stats.values(site, out, mask)
     step_max = c.step_max[sl]
-    step_max.copy_(torch.maximum(step_max, torch.amax(v.full, site.dims).to(step_max.dtype)))
+    step_max.copy_(torch.maximum(step_max, _per_unit(torch.amax, v.full, site).to(step_max.dtype)))
     acc = torch.float64 if stats.wide(v) else torch.float32
     sums = c.pairs["step_fired"]  # rows: step_fired, step_abs
-    sums[:, sl].add_(torch.stack([torch.sum(v.fired, site.dims, dtype=acc), torch.sum(v.magnitude, site.dims, dtype=acc)]))
+    sums[:, sl].add_(torch.stack([_per_unit(torch.sum, v.fired, site, acc), _per_unit(torch.sum, v.magnitude, site, acc)]))
     if v.near is not None:
-        c.step_near[sl].add_(torch.sum(v.near, site.dims, dtype=acc))
+        c.step_near[sl].add_(_per_unit(torch.sum, v.near, site, acc))
     c.step_obs[site.index].add_(v.counted)
     site.ran = True
     c.traced = True
+
+
+GROUPS = 64  # at most this many groups of rows in the first of two reductions (see _per_unit)
+
+
+def _per_unit(op, x: torch.Tensor, site: stats.Site, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """op (torch.amax or torch.sum) over every dim but the unit axis. Where the units are the last dim (tokens,
+    linear layers), inductor's CPU code for one reduction over all the rows before them walks memory a unit
+    at a time, three times slower than reading it in order (an (16, 128, 1024) GELU output: 4.9 against 1.3 ms
+    for its max); so, with static sizes, the rows are reduced in two steps, within groups then across."""
+    kw = {} if dtype is None else {"dtype": dtype}
+    rows = x.numel() // max(site.units, 1)
+    if site.axis != x.ndim - 1 or x.ndim < 2 or not isinstance(rows, int) or rows < 2 * GROUPS:
+        return op(x, site.dims, **kw)
+    groups = next(g for g in range(GROUPS, 0, -1) if rows % g == 0)
+    if groups == 1:
+        return op(x, site.dims, **kw)
+    return op(op(x.reshape(groups, rows // groups, site.units), 1, **kw), 0)
 
 
 def internal() -> bool:
