@@ -179,8 +179,8 @@ def rounded(value: float, dtype: torch.dtype) -> float:
 def fold(site: Site, out: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Fold `out` into the site's buffers with the kernel; False (nothing done) where record()'s eager ops must."""
     fn = KERNEL.fn
-    if fn is None or type(out) is not torch.Tensor or out.device.type != "cpu" or out.layout != torch.strided:
-        return False  # a tensor subclass (fake, distributed) or a sparse one: the eager ops know it
+    if fn is None or type(out) is not torch.Tensor or out.device.type != "cpu":
+        return False  # a tensor subclass (fake, distributed): its storage is not its values
     code = DTYPES.get(out.dtype)
     counters = site.counters
     if code is None or out.dtype != counters.dtype or site.axis == 0 or out.numel() == 0:
@@ -193,7 +193,7 @@ def fold(site: Site, out: torch.Tensor, mask: torch.Tensor | None) -> bool:
         lead *= size
     trail = out.numel() // (lead * site.units)
     try:
-        x = out.view(lead, site.units, trail)  # no copy: fails where the dims do not merge
+        x = out.view(lead, site.units, trail)  # no copy: fails where the dims do not merge, and on sparse tensors
     except RuntimeError:
         return False
     keep = None
@@ -202,17 +202,16 @@ def fold(site: Site, out: torch.Tensor, mask: torch.Tensor | None) -> bool:
     rows = -(-shape[0] // site.subsample) if site.subsample > 1 else shape[0]
     counted = rows * (lead // shape[0])
     limits = site.limits
-    if limits is None or limits[0] != out.dtype:
+    if limits is None:  # once per site: its dtype is its buffers'
         bounded = site.bounds is not None
-        limits = site.limits = (out.dtype, rounded(site.threshold, out.dtype),
-                                rounded(site.middle, out.dtype) if bounded else 0.0,
+        limits = site.limits = (rounded(site.threshold, out.dtype), rounded(site.middle, out.dtype) if bounded else 0.0,
                                 rounded(site.reach, out.dtype) if bounded else 0.0)
     first = site.seen != counters.fold_count and not site.ran
     flags = (POSITIVE if site.positive else 0) | (BOUNDED if site.bounds is not None else 0) | (FIRST if first else 0)
     stride = x.stride()
     fn(code, x.data_ptr(), lead, site.units, trail, stride[0], stride[1], stride[2], counted,
        keep.data_ptr() if keep is not None else None, site.step_max.data_ptr(), site.step_fired.data_ptr(),
-       site.step_abs.data_ptr(), site.step_near.data_ptr(), limits[1], limits[2], limits[3], flags)
+       site.step_abs.data_ptr(), site.step_near.data_ptr(), limits[0], limits[1], limits[2], flags)
     site.seen = counters.fold_count
     site.step_observations = site.step_observations + (keep[: counted].sum() if keep is not None else counted * trail)
     return True

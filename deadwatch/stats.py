@@ -97,7 +97,7 @@ class Site:
         self.step_near: torch.Tensor | None = None
         self.warned = False
         self.fused = fused            # the fused pass may fold its CPU outputs (fused.py)
-        self.limits: tuple | None = None  # the fused pass's (dtype, threshold, middle, reach), rounded to the dtype
+        self.limits: tuple | None = None  # the fused pass's threshold, middle and reach, rounded to the output dtype
 
     @property
     def slice(self) -> slice:

@@ -34,3 +34,11 @@ def test_overhead_script_times_the_pruned_boundaries():
     done = run("benchmarks/overhead.py", "--boundaries", "--models", "cnn", "--steps", "2", "--warmup", "1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "hooked modules   5 pruned,   6 all" in done.stdout, done.stdout  # the ReLU called twice keeps its block
+
+
+def test_overhead_script_times_a_cold_start_and_runs_without_the_fused_pass():
+    done = run("benchmarks/overhead.py", "--cold-start", "--models", "small", "--steps", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "small step   1:" in done.stdout and ("kernel ready" in done.stdout or "kernel not ready" in done.stdout)
+    done = run("benchmarks/overhead.py", "--no-fused", "--models", "small", "--steps", "3", "--warmup", "1")
+    assert done.returncode == 0 and "fused pass off (--no-fused)" in done.stdout, done.stdout + done.stderr

@@ -449,3 +449,18 @@ def test_watch_leaves_the_compiler_stance_as_it_was():
     other = deadwatch.watch(model, reporters=[])
     other.close()  # closed before any step
     assert eval_frame._stance.stance == before
+
+
+@pytest.mark.parametrize("shape", [(16, 128, 64), (3, 700, 8), (1030, 8), (1031, 8), (4, 5, 8)], ids=str)
+def test_per_unit_reductions_in_groups_equal_one_reduction(shape):
+    """compiled._per_unit reduces units-last outputs in groups of rows: the same max, the same counts."""
+    from deadwatch import stats
+    from deadwatch.capture import compiled as path
+
+    x = torch.randn(*shape)
+    site = stats.Site("s", "GELU", 0.0, False, 0, 8)
+    stats.Registry().add(site, x, x.ndim - 1)
+    assert torch.equal(path._per_unit(torch.amax, x, site), torch.amax(x, site.dims))
+    fired = (x > 0).float()
+    assert torch.equal(path._per_unit(torch.sum, fired, site, torch.float64), torch.sum(fired, site.dims, dtype=torch.float64))
+    assert torch.allclose(path._per_unit(torch.sum, x.abs(), site, torch.float32), x.abs().sum(site.dims), rtol=1e-5)
