@@ -11,13 +11,17 @@ Every activation site is watched, the functional GELU included.
     python benchmarks/overhead.py --compile [--models mha] [--no-fullgraph]
     python benchmarks/overhead.py --update-every 0     # without the update-size measurements (large_update)
     python benchmarks/overhead.py --boundaries --models vit,convnext,mobilenet   # pruned boundary hooks' saving
+    python benchmarks/overhead.py --cold-start --models mobilenet   # the first steps with an empty build cache
+    python benchmarks/overhead.py --no-fused   # the eager ops at every site, to time the fused pass apart
 
 Columns: sites watched; plain and watched medians; ratio = watched/plain and +ms a step; hooks =
 activation modules given a bare no-op forward hook and noop = that copy's time/plain, the floor any
 per-module hook pays (a functional activation has no module: the transformer's F.gelu is not in
 it); naive = a hand-written hook counting (out > 0) per unit in three passes, time/plain; upd% = the
 update-size measurement's mean time per step (it runs on 2 steps of 20, which medians hide), as a
-percentage of the plain step.
+percentage of the plain step; rec% = the time inside deadwatch's record() (the hooks' counting) per step and
+amax% = the time inside the amax copy's hooks per step, each the median over the steps after the warm-up, as a
+percentage of the plain step: timed inside the hooks, they move far less from run to run than the whole steps.
 
 Models: `small`, a CNN on 8x8 digit-sized inputs (batch 64, steps of about 2 ms), where the fixed
 cost per step and per site shows most; `mobilenet`, `resnet18`, `convnext` and `vit`, torchvision's
@@ -28,6 +32,10 @@ batch 16 at 128x128, ResNet-18 batch 8 at 112x112, ConvNeXt-atto and ViT-tiny ba
 (`--size` sets the side). Smaller maps make the ratio worse, not better: the per-site and per-module
 fixed costs weigh more. `mha`: a transformer of 4 blocks with nn.MultiheadAttention and nn.GELU
 modules, d=256, 128 tokens, batch 16 (the default with --compile).
+
+The fused statistics pass (deadwatch/fused.py) is built, or loaded from its cache, before anything is
+timed; `--no-fused` watches with `fused: false`. `--cold-start` times the first steps of a watched model
+against plain ones with an empty build cache: the kernel builds on a background thread meanwhile.
 
 Columns: amax = a hook doing one per-unit amax per activation (the floor of an exact monitor: every
 value read once), time/plain, next to noop.
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -51,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deadwatch
+import deadwatch.fused
 import deadwatch.updates
 from deadwatch.capture.activations import is_activation
 
@@ -525,15 +535,55 @@ def eager_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, arg
                 return step()
         return bare(run)
 
-    with deadwatch.watch(twin, reporters=[]) as monitor:
-        timed = UpdateTimer(monitor, args.warmup)
-        steps = [bare(make_step(model, x, y)), make_step(twin, x, y, monitor), bare(make_step(noop_twin, x, y)),
-                 counted(floor_twin, one_amax), counted(naive_twin, naive_count)]
-        p, w, o, f, n = median_round(steps, args)
-        sites = len(monitor.report().layers)
+    recorded, floor = InHooks(), InHooks()
+    real_record = deadwatch.stats.record
+    deadwatch.stats.record = recorded.time(real_record)  # what the watched copy's hooks call
+    try:
+        with deadwatch.watch(twin, reporters=[], fused=not args.no_fused) as monitor:
+            timed = UpdateTimer(monitor, args.warmup)
+            steps = [bare(make_step(model, x, y)), recorded.step(make_step(twin, x, y, monitor)),
+                     bare(make_step(noop_twin, x, y)), floor.step(counted(floor_twin, floor.time(one_amax))),
+                     counted(naive_twin, naive_count)]
+            p, w, o, f, n = median_round(steps, args)
+            sites = len(monitor.report().layers)
+    finally:
+        deadwatch.stats.record = real_record
     print(f"{name:<12} {sites:>5} {1e3 * p:>9.2f} {1e3 * w:>10.2f} {w / p:>7.3f} {1e3 * (w - p):>7.2f} "
-          f"{hooked:>5} {o / p:>7.3f} {f / p:>7.3f} {n / p:>7.3f} {100 * timed.mean() / p:>6.2f}")
+          f"{hooked:>5} {o / p:>7.3f} {f / p:>7.3f} {n / p:>7.3f} {100 * timed.mean() / p:>6.2f} "
+          f"{100 * recorded.median(args.warmup) / p:>6.2f} {100 * floor.median(args.warmup) / p:>6.2f}")
     return w / p
+
+
+class InHooks:
+    """The time spent inside the hooks' work (deadwatch's record(), or the floor's amax) in each step: whole-step
+    medians on a shared VM move by 2-4% from run to run, this by much less, so rec% against amax% tells the
+    counting's cost from the floor's (each as a share of the plain step, the median over the steps after the
+    warm-up)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.steps: list[float] = []
+
+    def time(self, fn: Callable) -> Callable:
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.now += time.perf_counter() - t0
+        return timed
+
+    def step(self, run: Callable[[], float]) -> Callable[[], float]:
+        def timed() -> float:
+            self.now = 0.0
+            took = run()
+            self.steps.append(self.now)
+            return took
+        return timed
+
+    def median(self, warmup: int) -> float:
+        timed = self.steps[warmup:] or self.steps
+        return statistics.median(timed) if timed else 0.0
 
 
 class UpdateTimer:
@@ -556,6 +606,45 @@ class UpdateTimer:
     def mean(self) -> float:
         timed = self.times[self.warmup:]
         return sum(timed) / max(len(timed), 1)
+
+
+def fused_ready() -> str:
+    """Build (or load) the fused pass's kernel before timing anything; what happened, in words."""
+    kernel = deadwatch.fused.KERNEL
+    started = time.perf_counter()
+    kernel.start()
+    while kernel.fn is None and not kernel.failed and kernel.target() is not None:
+        time.sleep(0.05)
+    if kernel.fn is None:
+        return "off (no C++ compiler)" if kernel.target() is None else "off (its build failed)"
+    took = time.perf_counter() - started
+    return "ready (from the cache)" if took < 0.5 else f"ready (built in {took:.1f} s)"
+
+
+def cold_start(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
+    """--cold-start: the fused pass's kernel is not built yet (a fresh cache directory); watch, then time the
+    first steps, plain and watched interleaved, and say when the kernel got ready."""
+    import tempfile
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="deadwatch-cold-")
+    kernel = deadwatch.fused.KERNEL
+    twin = copy.deepcopy(model)
+    plain = Unpatched().wrap(make_step(model, x, y))
+    started = time.perf_counter()
+    with deadwatch.watch(twin, reporters=[], fused=not args.no_fused) as monitor:
+        step = make_step(twin, x, y, monitor)
+        ready_at = None
+        for n in range(1, args.steps + 1):
+            w, p = step(), plain()
+            if kernel.fn is not None and ready_at is None:
+                ready_at = (n, time.perf_counter() - started)
+            print(f"{name} step {n:>3}: plain {1e3 * p:8.2f} ms, watched {1e3 * w:8.2f} ms, ratio {w / p:6.3f}"
+                  f"{'  (fused pass ready)' if ready_at and ready_at[0] == n else ''}")
+    if args.no_fused:
+        print("fused pass off (--no-fused): the torch ops at every step")
+    elif ready_at:
+        print(f"kernel ready {ready_at[1]:.1f} s after watch(), by step {ready_at[0]}")
+    else:
+        print(f"kernel not ready after {args.steps} steps" + (" (no C++ compiler)" if kernel.target() is None else ""))
 
 
 def boundaries_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> None:
@@ -634,6 +723,9 @@ def main() -> None:
                     f"(default {deadwatch.updates.EVERY}; 0: never), to time that cost apart")
     ap.add_argument("--boundaries", action="store_true", help="time forwards with the boundary hooks pruned "
                     "(the default after two steps) against every module hooked, instead of the table")
+    ap.add_argument("--no-fused", action="store_true", help="watch with fused: false (the eager ops everywhere)")
+    ap.add_argument("--cold-start", action="store_true", help="time the first --steps steps with an empty build "
+                    "cache for the fused pass (it builds meanwhile), instead of the table")
     args = ap.parse_args()
     if args.update_every is not None:
         deadwatch.updates.EVERY = args.update_every
@@ -643,15 +735,20 @@ def main() -> None:
     unknown = [n for n in names if n not in loads]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(loads)}")
+    if args.cold_start:
+        for name in names:
+            cold_start(name, *loads[name](), args)
+        return
+    fused = "off (--no-fused)" if args.no_fused else fused_ready()
     if args.boundaries:
         for name in names:
             boundaries_row(name, *loads[name](), args)
         return
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} interleaved steps each, medians "
           f"(median round of {args.rounds})"
-          + (f"; * compiled, fullgraph={not args.no_fullgraph}" if args.compile else ""))
+          + (f"; * compiled, fullgraph={not args.no_fullgraph}" if args.compile else "") + f"; fused pass {fused}")
     print(f"{'model':<12} {'sites':>5} {'plain ms':>9} {'watched ms':>10} {'ratio':>7} {'+ms':>7} "
-          f"{'hooks':>5} {'noop':>7} {'amax':>7} {'naive':>7} {'upd%':>6}")
+          f"{'hooks':>5} {'noop':>7} {'amax':>7} {'naive':>7} {'upd%':>6} {'rec%':>6} {'amax%':>6}")
     ratios = []
     for name in names:
         model, x, y = loads[name]()
