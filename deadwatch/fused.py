@@ -199,15 +199,14 @@ def fold(site: Site, out: torch.Tensor, mask: torch.Tensor | None) -> bool:
     keep = None
     if mask is not None and tuple(mask.shape) == tuple(shape[d] for d in site.dims):
         keep = mask.to(device=out.device, dtype=torch.bool).reshape(lead, trail).contiguous()
-    rows = -(-shape[0] // site.subsample) if site.subsample > 1 else shape[0]
-    counted = rows * (lead // shape[0])
+    counted = site.counted_rows(shape[0]) * (lead // shape[0])
     limits = site.limits
     if limits is None:  # once per site: its dtype is its buffers'
         bounded = site.bounds is not None
         limits = site.limits = (rounded(site.threshold, out.dtype), rounded(site.middle, out.dtype) if bounded else 0.0,
                                 rounded(site.reach, out.dtype) if bounded else 0.0)
-    first = site.seen != counters.fold_count and not site.ran
-    flags = (POSITIVE if site.positive else 0) | (BOUNDED if site.bounds is not None else 0) | (FIRST if first else 0)
+    flags = (POSITIVE if site.positive else 0) | (BOUNDED if site.bounds is not None else 0) | \
+        (FIRST if site.starts_step() else 0)
     stride = x.stride()
     fn(code, x.data_ptr(), lead, site.units, trail, stride[0], stride[1], stride[2], counted,
        keep.data_ptr() if keep is not None else None, site.step_max.data_ptr(), site.step_fired.data_ptr(),

@@ -103,6 +103,15 @@ class Site:
     def slice(self) -> slice:
         return slice(self.offset, self.offset + self.units)
 
+    def starts_step(self) -> bool:
+        """No call of this site has been folded into the step buffers since the last fold: the next one writes
+        them instead of adding (eager path; the fused pass too)."""
+        return self.seen != self.counters.fold_count and not self.ran
+
+    def counted_rows(self, batch: int) -> int:
+        """Rows of a batch of `batch` that the counts use: the first 1/count_subsample of them."""
+        return -(-batch // self.subsample) if self.subsample > 1 else batch
+
     def buffer(self, name: str) -> torch.Tensor:
         return getattr(self.counters, name)[self.slice]
 
@@ -136,7 +145,7 @@ def record(site: Site, out: torch.Tensor, mask: torch.Tensor | None = None) -> N
     # The first call of a step writes its reductions straight into the site's buffers (fewer ops:
     # each small op costs microseconds, most of all right after a large matmul); later calls in
     # the same step (a reused module, gradient accumulation) fold into them.
-    first = site.seen != site.counters.fold_count and not site.ran and x.dtype == site.step_max.dtype
+    first = site.starts_step() and x.dtype == site.step_max.dtype
     site.seen = site.counters.fold_count
     # Units innermost in memory (channels-last maps, (N, C, H, W) permuted from (N, H, W, C)): one reduction over
     # all other dims reads memory in order and is fastest; a split there is up to 35 times slower.
@@ -188,7 +197,7 @@ def values(site: Site, out: torch.Tensor, mask: torch.Tensor | None) -> Values:
     full = x
     if site.subsample > 1:
         batch = site.dims[0]
-        rows = -(-x.shape[batch] // site.subsample)
+        rows = site.counted_rows(x.shape[batch])
         x = x.narrow(batch, 0, rows)
         if keep is None:  # every op counts at small sites: x is raw here
             raw = x

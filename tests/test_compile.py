@@ -298,7 +298,7 @@ def plant_fullgraph(cls: type) -> nn.Module:
 
 def fullgraph_batch(cls: type, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(step)
-    # Transformer: 1024 token rows, 128 counted (compiled.record reduces them in groups: see _per_unit)
+    # Transformer: 16 x 64 token rows (compiled.record reduces them in two steps: see _per_unit)
     shape = {ReusedCNN: (8, 3, 6, 6), Transformer: (16, 64, 8)}.get(cls, (BATCH, 8))
     return torch.randn(*shape, generator=g)
 
@@ -453,7 +453,7 @@ def test_watch_leaves_the_compiler_stance_as_it_was():
 
 @pytest.mark.parametrize("shape", [(16, 128, 64), (3, 700, 8), (1030, 8), (1031, 8), (4, 5, 8)], ids=str)
 def test_per_unit_reductions_in_groups_equal_one_reduction(shape):
-    """compiled._per_unit reduces units-last outputs in groups of rows: the same max, the same counts."""
+    """compiled._per_unit reduces units-last outputs in two steps: the same max, the same counts."""
     from deadwatch import stats
     from deadwatch.capture import compiled as path
 
@@ -464,3 +464,42 @@ def test_per_unit_reductions_in_groups_equal_one_reduction(shape):
     fired = (x > 0).float()
     assert torch.equal(path._per_unit(torch.sum, fired, site, torch.float64), torch.sum(fired, site.dims, dtype=torch.float64))
     assert torch.allclose(path._per_unit(torch.sum, x.abs(), site, torch.float32), x.abs().sum(site.dims), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,device,axis,calls", [
+    ((16, 128, 64), "cpu", 2, 2),    # units last after two dims, on the CPU: tokens first, then the batch
+    ((16, 128, 64), "meta", 2, 1),   # not on the CPU: one reduction (inductor splits on GPUs itself)
+    ((16, 64, 128), "cpu", 1, 1),    # units not last
+    ((1031, 8), "cpu", 1, 1),        # (batch, units): one reduction is all there is
+], ids=["two", "meta", "units-not-last", "2d"])
+def test_per_unit_takes_two_reductions_only_where_they_pay(shape, device, axis, calls):
+    from deadwatch import stats
+    from deadwatch.capture import compiled as path
+
+    x = torch.zeros(*shape, device=device)
+    site = stats.Site("s", "GELU", 0.0, False, 0, 8)
+    stats.Registry().add(site, torch.zeros(*shape), axis)
+    seen = []
+
+    def op(t, dims, **kw):
+        seen.append(dims)
+        return torch.amax(t, dims)
+
+    path._per_unit(op, x, site)
+    assert len(seen) == calls
+
+
+def test_per_unit_keeps_symbolic_sizes_in_one_reduction():
+    """Under dynamic shapes the row count is symbolic: grouping would guard on it (a recompile per size)."""
+    from deadwatch import stats
+    from deadwatch.capture import compiled as path
+
+    site = stats.Site("s", "GELU", 0.0, False, 0, 8)
+    stats.Registry().add(site, torch.zeros(4, 200, 8), 2)
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(lambda t: path._per_unit(torch.amax, t, site), backend="eager", dynamic=True, fullgraph=True)
+    for rows in (200, 210, 300):
+        x = torch.randn(4, rows, 8)
+        assert torch.equal(fn(x), torch.amax(x, (0, 1)))
+    assert counters["stats"]["unique_graphs"] == 1
