@@ -1,8 +1,9 @@
 """Training-step overhead of deadwatch at defaults (reporters off), paired against plain steps.
 
-A plain, a watched, a no-op-hooked, a one-amax and a naively counted copy of each model live in one process;
-their steps (forward, backward, SGD step) are interleaved one by one, rotating which goes first,
-and the medians are compared: whole-run timings on a shared machine drift by more than the effect.
+A plain, a watched, a no-op-hooked, a one-amax, a naively counted and a second plain copy of each model live in
+one process; their steps (forward, backward, SGD step) run in rounds, each copy once a round, rotating which
+goes first, and each copy's step is divided by the plain step of the same round: whole-run timings on a shared
+machine drift by more than the effect, and so do the medians of each copy's own steps (see Timed.ratio).
 Every activation site is watched, the functional GELU included.
 
     python benchmarks/overhead.py [--steps 200] [--rounds 1] [--threads 1] [--models mlp,cnn,transformer]
@@ -14,7 +15,11 @@ Every activation site is watched, the functional GELU included.
     python benchmarks/overhead.py --cold-start --models mobilenet   # the first steps with an empty build cache
     python benchmarks/overhead.py --no-fused   # the eager ops at every site, to time the fused pass apart
 
-Columns: sites watched; plain and watched medians; ratio = watched/plain and +ms a step; hooks =
+Columns: sites watched; plain and watched medians; ratio = watched/plain (the median over rounds of the
+watched step over the plain step of its round; the other copies' columns likewise) and +ms = (ratio - 1) x the
+plain median; a/a = the second plain copy against the first, the run's own error (identical copies: any
+distance from 1.000 is noise or the copies' placement in memory, and a ratio means little closer to 1 than
+that); hooks =
 activation modules given a bare no-op forward hook and noop = that copy's time/plain, the floor any
 per-module hook pays (a functional activation has no module: the transformer's F.gelu is not in
 it); naive = a hand-written hook counting (out > 0) per unit in three passes, time/plain; upd% = the
@@ -53,7 +58,7 @@ import copy
 import os
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -497,7 +502,9 @@ class Unpatched:
             swapped = [(ns, attr, value) for ns, attr in self.NAMES
                        if "__deadwatch_original__" in getattr(value := getattr(ns, attr), "__dict__", {})]
             for ns, attr, wrapper in swapped:
-                setattr(ns, attr, wrapper.__deadwatch_original__)
+                while "__deadwatch_original__" in getattr(wrapper, "__dict__", {}):  # versus.py: two versions' wrappers
+                    wrapper = wrapper.__deadwatch_original__
+                setattr(ns, attr, wrapper)
             try:
                 return step()
             finally:
@@ -506,8 +513,25 @@ class Unpatched:
         return unpatched
 
 
-def interleave(steps: list, n: int, warmup: int) -> list[float]:
-    """Run the steps one after another, rotating which goes first; the median time of each."""
+class Timed(NamedTuple):
+    """One pairing of copies: each copy's step times, round by round (a round runs every copy once)."""
+
+    times: list[list[float]]
+
+    def median(self, j: int) -> float:
+        return statistics.median(self.times[j])
+
+    def ratio(self, j: int) -> float:
+        """Copy j against copy 0 (plain): the median over rounds of j's step over plain's step of the same
+        round. The steps of a round run within a second or so; this VM's steps switch between a quiet and a
+        contended speed (about 190 and 275 ms for MobileNet) every few seconds, so the median of each copy's
+        own times falls between the two and moves by 2-7% with the share of each it happened to get, where
+        the same-round ratio moves by about 1% (docs/overhead.md, "Reading the figures")."""
+        return statistics.median(t / p for t, p in zip(self.times[j], self.times[0]))
+
+
+def interleave(steps: list, n: int, warmup: int) -> Timed:
+    """Run the steps one after another, rotating which goes first, warmup + n rounds; the times of the last n."""
     times: list[list[float]] = [[] for _ in steps]
     for i in range(warmup + n):
         order = [(i + j) % len(steps) for j in range(len(steps))]
@@ -515,17 +539,17 @@ def interleave(steps: list, n: int, warmup: int) -> list[float]:
             t = steps[j]()
             if i >= warmup:
                 times[j].append(t)
-    return [statistics.median(t) for t in times]
+    return Timed(times)
 
 
-def median_round(steps: list, args: argparse.Namespace) -> list[float]:
-    """Repeat the pairing args.rounds times; the round with the median watched/plain ratio."""
-    rounds = sorted((interleave(steps, args.steps, args.warmup) for _ in range(args.rounds)), key=lambda r: r[1] / r[0])
+def median_round(steps: list, args: argparse.Namespace) -> Timed:
+    """Repeat the pairing args.rounds times; the round with the median ratio of copy 1 (the watched one)."""
+    rounds = sorted((interleave(steps, args.steps, args.warmup) for _ in range(args.rounds)), key=lambda r: r.ratio(1))
     return rounds[len(rounds) // 2]
 
 
 def eager_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> float:
-    twin, noop_twin, floor_twin, naive_twin = (copy.deepcopy(model) for _ in range(4))
+    twin, noop_twin, floor_twin, naive_twin, again = (copy.deepcopy(model) for _ in range(5))
     hooked = noop_hooks(noop_twin)
     bare = Unpatched().wrap
 
@@ -545,15 +569,18 @@ def eager_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, arg
             timed = UpdateTimer(monitor, args.warmup)
             steps = [bare(make_step(model, x, y)), recorded.step(make_step(twin, x, y, monitor)),
                      bare(make_step(noop_twin, x, y)), floor.step(counted(floor_twin, floor.time(one_amax))),
-                     counted(naive_twin, naive_count)]
-            p, w, o, f, n = median_round(steps, args)
+                     counted(naive_twin, naive_count), bare(make_step(again, x, y))]
+            run = median_round(steps, args)
             sites = len(monitor.report().layers)
     finally:
         deadwatch.stats.record = real_record
-    print(f"{name:<12} {sites:>5} {1e3 * p:>9.2f} {1e3 * w:>10.2f} {w / p:>7.3f} {1e3 * (w - p):>7.2f} "
-          f"{hooked:>5} {o / p:>7.3f} {f / p:>7.3f} {n / p:>7.3f} {100 * timed.mean() / p:>6.2f} "
-          f"{100 * recorded.median(args.warmup) / p:>6.2f} {100 * floor.median(args.warmup) / p:>6.2f}")
-    return w / p
+    p, w = run.median(0), run.median(1)
+    ratio = run.ratio(1)
+    print(f"{name:<12} {sites:>5} {1e3 * p:>9.2f} {1e3 * w:>10.2f} {ratio:>7.3f} {1e3 * (ratio - 1) * p:>7.2f} "
+          f"{hooked:>5} {run.ratio(2):>7.3f} {run.ratio(3):>7.3f} {run.ratio(4):>7.3f} {run.ratio(5):>7.3f} "
+          f"{100 * timed.mean() / p:>6.2f} {100 * recorded.median(args.warmup) / p:>6.2f} "
+          f"{100 * floor.median(args.warmup) / p:>6.2f}")
+    return ratio
 
 
 class InHooks:
@@ -666,7 +693,9 @@ def boundaries_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor
                     m(x)
                 return time.perf_counter() - t0
             return run
-        p, f = median_round([forward(model), forward(twin)], args)
+        run = median_round([forward(model), forward(twin)], args)
+        p = run.median(0)
+        f = p * run.ratio(1)
         print(f"{name:<12} hooked modules {len(pruned._capture.boundaries):>3} pruned, {len(full._capture.boundaries):>3} "
               f"all; forward {1e3 * p:.2f} ms against {1e3 * f:.2f} ms: {1e3 * (f - p):.2f} ms saved", flush=True)
 
@@ -680,11 +709,12 @@ def compiled_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     """Plain and watched copies, each through torch.compile (watch first, then compile); compilation in the
     warm-up steps. A failed compile is one line, not a traceback."""
     fullgraph = not args.no_fullgraph
-    twin = copy.deepcopy(model)
-    plain = torch.compile(model, fullgraph=fullgraph)
+    twin, again = copy.deepcopy(model), copy.deepcopy(model)
+    plain, plain_again = torch.compile(model, fullgraph=fullgraph), torch.compile(again, fullgraph=fullgraph)
     with deadwatch.watch(twin, reporters=[]) as monitor:
         watched = torch.compile(twin, fullgraph=fullgraph)
-        steps = [Unpatched().wrap(make_step(plain, x, y)), make_step(watched, x, y, monitor)]
+        steps = [Unpatched().wrap(make_step(plain, x, y)), make_step(watched, x, y, monitor),
+                 Unpatched().wrap(make_step(plain_again, x, y))]
         torch._dynamo.utils.counters.clear()
         try:  # the watched copy first: deadwatch runs every model eagerly until its first step()
             for _ in range(3):
@@ -693,6 +723,7 @@ def compiled_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
             torch._dynamo.utils.counters.clear()
             for _ in range(3):
                 steps[0]()
+                steps[2]()
             plain_breaks = graph_breaks()[0]
         except Exception as e:  # noqa: BLE001 - the benchmark reports the failure and goes on
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -700,13 +731,14 @@ def compiled_row(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
             print(f"{name + '*':<12} compile failed (fullgraph={fullgraph}): {type(e).__name__}: {msg}")
             return float("nan")
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        p, w = median_round(steps, args)
+        run = median_round(steps, args)
         recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         sites = len(monitor.report().layers)
-    print(f"{name + '*':<12} {sites:>5} {1e3 * p:>9.2f} {1e3 * w:>10.2f} {w / p:>7.3f} {1e3 * (w - p):>7.2f} "
-          f"{'-':>5} {'-':>7} {'-':>7} {'-':>7} {'-':>6}   graph breaks: watched {breaks}, plain {plain_breaks}"
+    p, w, ratio = run.median(0), run.median(1), run.ratio(1)
+    print(f"{name + '*':<12} {sites:>5} {1e3 * p:>9.2f} {1e3 * w:>10.2f} {ratio:>7.3f} {1e3 * (ratio - 1) * p:>7.2f} "
+          f"{'-':>5} {'-':>7} {'-':>7} {'-':>7} {run.ratio(2):>7.3f} {'-':>6}   graph breaks: watched {breaks}, plain {plain_breaks}"
           + (f" ({reason})" if breaks else "") + (f"; {recompiled} graphs compiled while timed" if recompiled else ""))
-    return w / p
+    return ratio
 
 
 def main() -> None:
@@ -746,11 +778,11 @@ def main() -> None:
         for name in names:
             boundaries_row(name, *loads[name](), args)
         return
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} interleaved steps each, medians "
-          f"(median round of {args.rounds})"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} rounds of interleaved steps, ratios "
+          f"to the plain step of the same round, medians (median round of {args.rounds})"
           + (f"; * compiled, fullgraph={not args.no_fullgraph}" if args.compile else "") + f"; fused pass {fused}")
     print(f"{'model':<12} {'sites':>5} {'plain ms':>9} {'watched ms':>10} {'ratio':>7} {'+ms':>7} "
-          f"{'hooks':>5} {'noop':>7} {'amax':>7} {'naive':>7} {'upd%':>6} {'rec%':>6} {'amax%':>6}")
+          f"{'hooks':>5} {'noop':>7} {'amax':>7} {'naive':>7} {'a/a':>7} {'upd%':>6} {'rec%':>6} {'amax%':>6}")
     ratios = []
     for name in names:
         model, x, y = loads[name]()
