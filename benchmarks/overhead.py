@@ -525,8 +525,9 @@ class Timed(NamedTuple):
         """Copy j against copy 0 (plain): the median over rounds of j's step over plain's step of the same
         round. The steps of a round run within a second or so; this VM's steps switch between a quiet and a
         contended speed (about 190 and 275 ms for MobileNet) every few seconds, so the median of each copy's
-        own times falls between the two and moves by 2-7% with the share of each it happened to get, where
-        the same-round ratio moves by about 1% (docs/overhead.md, "Reading the figures")."""
+        own times falls between the two and moves with the share of each it happened to get (identical copies
+        read up to 21% apart), where the same-round ratio moves by 1-3% (docs/overhead.md, "Reading the
+        figures")."""
         return statistics.median(t / p for t, p in zip(self.times[j], self.times[0]))
 
 

@@ -63,10 +63,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} rounds; this checkout against "
           f"{args.checkout}; fused pass {overhead.fused_ready()}")
     print(f"{'model':<12} {'plain ms':>9} {'this':>7} {'other':>7} {'a/a':>7} {'this/other':>10}")
+    bare = overhead.Unpatched().wrap
     for name in names:
         model, x, y = loads[name]()
         mine, theirs, again = (copy.deepcopy(model) for _ in range(3))
-        bare = overhead.Unpatched().wrap
         with deadwatch.watch(mine, reporters=[]) as this_monitor, other.watch(theirs, reporters=[]) as other_monitor:
             steps = [bare(overhead.make_step(model, x, y)), overhead.make_step(mine, x, y, this_monitor),
                      overhead.make_step(theirs, x, y, other_monitor), bare(overhead.make_step(again, x, y))]

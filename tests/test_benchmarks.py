@@ -53,7 +53,6 @@ def test_overhead_script_times_a_cold_start_and_runs_without_the_fused_pass():
     assert done.returncode == 0 and "fused pass off (--no-fused)" in done.stdout, done.stdout + done.stderr
 
 
-
 def test_ratio_pairs_each_step_with_the_plain_step_of_its_round():
     """Steps that switch between a quiet and a contended speed (1.45x): a copy 5% slower than plain whose two
     steps after a switch were contended while plain's were not reads 1.24 by the ratio of the two medians,

@@ -452,7 +452,7 @@ def test_watch_leaves_the_compiler_stance_as_it_was():
 
 
 @pytest.mark.parametrize("shape", [(16, 128, 64), (3, 700, 8), (1030, 8), (1031, 8), (4, 5, 8)], ids=str)
-def test_per_unit_reductions_in_groups_equal_one_reduction(shape):
+def test_per_unit_in_two_reductions_equals_one_reduction(shape):
     """compiled._per_unit reduces units-last outputs in two steps: the same max, the same counts."""
     from deadwatch import stats
     from deadwatch.capture import compiled as path
@@ -490,7 +490,8 @@ def test_per_unit_takes_two_reductions_only_where_they_pay(shape, device, axis, 
 
 
 def test_per_unit_keeps_symbolic_sizes_in_one_reduction():
-    """Under dynamic shapes the row count is symbolic: grouping would guard on it (a recompile per size)."""
+    """Under dynamic shapes the row count is symbolic: a split chosen by size would guard on it (a recompile per
+    size)."""
     from deadwatch import stats
     from deadwatch.capture import compiled as path
 
